@@ -1,0 +1,25 @@
+"""saffnet_fast: SAFFNet human pose estimation, fast.
+
+Reference PyTorch models (SAFFNet, HRNet-W32/DF/SF and every ablation row), fused kernels
+for SAFFNet's hot paths (C++ CPU, CUDA, Triton), drop-in fast modules, and the training /
+evaluation / inference toolkit.
+"""
+__version__ = "0.1.0"
+
+from ._native import has_native, native_build_info, native_load_error  # noqa: E402
+from .backend import (BACKENDS, BackendUnavailableError, available_backends,  # noqa: E402
+                      get_backend, has_triton, resolve_backend, use_backend)
+
+__all__ = [
+    "__version__",
+    "has_native",
+    "has_triton",
+    "native_build_info",
+    "native_load_error",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+    "use_backend",
+]

@@ -1,0 +1,162 @@
+"""Backend selection: ``reference`` (plain PyTorch), ``native`` (the compiled extension),
+``triton`` (Triton kernels for CUDA tensors), and ``auto``.
+
+The default comes from, in order: the innermost :func:`use_backend` context, the environment
+variable ``SAFFNET_BACKEND``, then ``auto``. Every fast module and ``build_model`` also take
+``backend=`` explicitly.
+
+``auto`` resolves per device:
+  * CPU: native when the extension loaded, else reference.
+  * CUDA: the order in :data:`CUDA_AUTO_ORDER` (see its comment for why), skipping what is
+    unavailable.
+A fallback taken by ``auto`` emits one warning line saying why; an explicitly requested
+backend that is unavailable raises :class:`BackendUnavailableError` saying what is missing.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+from typing import Iterator
+
+import torch
+
+from ._native import NativeUnavailableError, has_native, native_build_info, native_load_error
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "get_backend",
+    "use_backend",
+    "resolve_backend",
+    "has_native",
+    "has_triton",
+    "available_backends",
+]
+
+BACKENDS = ("auto", "reference", "native", "triton")
+
+# On CUDA, auto prefers the native CUDA kernels and then Triton. This order is the default
+# until GPU measurements (benchmarks/results/) say otherwise; the benchmark issue records the
+# measured order and the reason here.
+CUDA_AUTO_ORDER = ("native", "triton", "reference")
+
+_context_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "saffnet_backend", default=None)
+_warned: set[str] = set()
+
+
+class BackendUnavailableError(NativeUnavailableError):
+    """An explicitly requested backend cannot run here."""
+
+
+def _validate(name: str, argument: str = "backend") -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"{argument}: expected one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def get_backend() -> str:
+    """The current default backend name (may be ``auto``)."""
+    ctx = _context_backend.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("SAFFNET_BACKEND")
+    if env:
+        return _validate(env, "SAFFNET_BACKEND")
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager setting the default backend: ``with use_backend("reference"): ...``."""
+    token = _context_backend.set(_validate(name))
+    try:
+        yield name
+    finally:
+        _context_backend.reset(token)
+
+
+def has_triton(device: torch.device | str | None = None) -> bool:
+    """True when Triton kernels can run on ``device`` (CUDA, or any device under the
+    interpreter ``TRITON_INTERPRET=1``)."""
+    return _triton_reason(device) is None
+
+
+def _triton_reason(device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:
+        return f"triton is not importable ({type(exc).__name__}: {exc}); pip install triton"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return None
+    dev = torch.device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return ("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 to run them on the "
+                "CPU through the interpreter)")
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _native_reason(device) -> str | None:
+    if not has_native():
+        return f"the compiled extension saffnet_fast._C did not load ({native_load_error()})"
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and not native_build_info().get("with_cuda", False):
+        return "saffnet_fast._C was built without CUDA kernels (rebuild with FORCE_CUDA=1)"
+    if dev.type not in ("cpu", "cuda", "meta"):
+        return f"no native kernels for device type {dev.type!r}"
+    return None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    out = ["reference"]
+    if _native_reason(device) is None:
+        out.append("native")
+    if _triton_reason(device) is None:
+        out.append("triton")
+    return out
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def resolve_backend(backend: str | None = None,
+                    device: torch.device | str | None = None) -> str:
+    """Turn ``backend`` (or the current default) into a concrete backend for ``device``."""
+    name = get_backend() if backend is None else _validate(backend)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if name == "reference":
+        return name
+    if name == "native":
+        reason = _native_reason(dev)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend='native' is unavailable for {dev.type} tensors: {reason}. "
+                "Build the extension with `pip install --no-build-isolation -e .`, or pass "
+                "backend='reference'.")
+        return name
+    if name == "triton":
+        reason = _triton_reason(dev)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"backend='triton' is unavailable for {dev.type} tensors: {reason}.")
+        return name
+    # auto
+    order = CUDA_AUTO_ORDER if dev.type == "cuda" else ("native", "reference")
+    reasons = []
+    for candidate in order:
+        if candidate == "reference":
+            break
+        reason = _native_reason(dev) if candidate == "native" else _triton_reason(dev)
+        if reason is None:
+            return candidate
+        reasons.append(f"{candidate}: {reason}")
+    _warn_once("saffnet_fast: backend='auto' falls back to 'reference' on "
+               f"{dev.type} ({'; '.join(reasons)})")
+    return "reference"
