@@ -22,4 +22,18 @@ __all__ = [
     "get_backend",
     "resolve_backend",
     "use_backend",
+    "convert",
+    "optimize_for_inference",
 ]
+
+
+def __getattr__(name):
+    # convert/optimize_for_inference load lazily so `import saffnet_fast` stays cheap.
+    # Importing the submodule saffnet_fast.convert makes the package attribute `convert` that
+    # module; the module is callable (it forwards to convert.convert), so
+    # `saffnet_fast.convert(model)` works however the submodule was first imported.
+    if name in ("convert", "optimize_for_inference"):
+        import importlib
+        module = importlib.import_module(".convert", __name__)
+        return module if name == "convert" else module.optimize_for_inference
+    raise AttributeError(f"module 'saffnet_fast' has no attribute {name!r}")

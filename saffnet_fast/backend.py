@@ -33,6 +33,7 @@ __all__ = [
     "has_native",
     "has_triton",
     "available_backends",
+    "backend_unavailable_reason",
 ]
 
 BACKENDS = ("auto", "reference", "native", "triton")
@@ -109,6 +110,19 @@ def _native_reason(device) -> str | None:
     if dev.type not in ("cpu", "cuda", "meta"):
         return f"no native kernels for device type {dev.type!r}"
     return None
+
+
+def backend_unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend ``name`` ('native' or 'triton') cannot run on ``device``; None when it can.
+    'reference' always can; 'auto' is not a concrete backend."""
+    name = _validate(name)
+    if name == "reference":
+        return None
+    if name == "native":
+        return _native_reason(device)
+    if name == "triton":
+        return _triton_reason(device)
+    raise ValueError("backend: 'auto' is not a concrete backend; resolve it with resolve_backend")
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:

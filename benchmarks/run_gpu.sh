@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One command on a lent GPU machine (Python 3.12, CUDA torch, no network):
+#   build the extension with CUDA kernels, run the CUDA/Triton parity tests, every GPU
+#   fused-op benchmark and the whole-model `saffnet bench`, writing everything under $OUT
+#   (set by the device runner; default benchmarks/results/gpu-<date>) and copying the
+#   result JSONs to benchmarks/results/.
+#
+# usage: benchmarks/run_gpu.sh [PHASE...]       (default: all = build test ops model)
+#   build     pip install --no-build-isolation --no-deps -e . with FORCE_CUDA=1
+#   test      pytest tests -k "cuda or triton" (parity on the GPU)
+#   ops       fused-op benchmarks, spec matrix (forward batch 64, training batch 32,
+#             float32 + float16), one pytest run per op so a time limit loses one op at most
+#   ops-split_resplice, ops-scaff, ops-sawf   one op of the ops phase (for short calls)
+#   ops-full  the full matrix (batch 1/8/32/64, float32/float16/bfloat16): long, its own call
+#   model     saffnet bench --device cuda (float32 with training, then float16);
+#             model-float32 and model-float16 run one half each (for short calls)
+# The device runner limits one call to 10 minutes: there, call the phases one or two at a
+# time: `run_gpu.sh build test`, `run_gpu.sh ops-split_resplice ops-sawf`,
+# `run_gpu.sh ops-scaff`, `run_gpu.sh model-float32`, `run_gpu.sh model-float16` (build
+# outputs stay on the machine between calls while it is warm; torch.compile of each shape is
+# most of the benchmark phases' time).
+#
+# Environment: OUT, PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0),
+#   BENCH_MAX_TIME (pytest-benchmark seconds per test, default 0.25), OPS_MATRIX (matrix of
+#   the ops phase, default spec), BENCH_DEVICE (default cuda; cpu only for a dry run),
+#   SAFFNET_BENCH_PROVIDERS (e.g. reference,native,triton to leave compile out).
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+STAMP="$(date -u +%Y%m%dT%H%M%S)"
+OUT="${OUT:-$ROOT/benchmarks/results/gpu-$STAMP}"
+RESULTS="$ROOT/benchmarks/results"
+PY="${PYTHON:-python3}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+BENCH_MAX_TIME="${BENCH_MAX_TIME:-0.25}"
+BENCH_DEVICE="${BENCH_DEVICE:-cuda}"  # cpu only to dry-run this script without a GPU
+mkdir -p "$OUT" "$RESULTS"
+LOG="$OUT/run_gpu.log"
+FAILED=()
+
+log() { echo "[$(date -u +%T)] $*" | tee -a "$LOG"; }
+
+step() {  # step NAME COMMAND...: run, log its output to $OUT/NAME.log, remember failures
+    local name="$1"; shift
+    log "start $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    log "end $name: rc=$rc in $((SECONDS - t0)) s"
+    [ "$rc" -eq 0 ] || FAILED+=("$name(rc=$rc)")
+    return 0
+}
+
+keep() {  # copy result files to benchmarks/results (committed by the lead)
+    for f in "$@"; do [ -s "$f" ] && cp "$f" "$RESULTS/" && log "kept $(basename "$f")"; done
+}
+
+phase_build() {
+    log "nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+    # --no-deps: the machine has no network, and pycocotools is not installed there.
+    step build env FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    step info "$PY" -m saffnet_fast.cli.main info --json
+    cp "$OUT/info.log" "$OUT/info.json" 2>/dev/null
+}
+
+phase_test() {
+    step parity "$PY" -m pytest tests -k "cuda or triton" -q -rs -p no:cacheprovider \
+        --junitxml="$OUT/parity-junit.xml"
+}
+
+ops_run() {  # ops_run MATRIX OP
+    local matrix="$1" op="$2"
+    local base="ops-$matrix-$op-$STAMP"
+    step "$base" "$PY" -m pytest benchmarks/test_ops_speed.py --benchmark-only -q -rs \
+        -p no:cacheprovider --bench-device "$BENCH_DEVICE" --bench-matrix "$matrix" --bench-ops "$op" \
+        --benchmark-max-time="$BENCH_MAX_TIME" --benchmark-min-rounds=10 \
+        --benchmark-json="$OUT/$base.json" --bench-summary-json="$OUT/$base-summary.json"
+    keep "$OUT/$base-summary.json"  # the raw pytest-benchmark JSON (every timing) stays in $OUT
+}
+
+phase_ops() { for op in split_resplice scaff sawf; do ops_run "${OPS_MATRIX:-spec}" "$op"; done; }
+phase_ops_full() { for op in split_resplice scaff sawf; do ops_run full "$op"; done; }
+
+phase_model_float32() {  # inference in float32 and the fp16-autocast training step
+    step "model-float32-$STAMP" "$PY" -m saffnet_fast.cli.main bench --device cuda \
+        --dtypes float32 --json --out "$OUT/model-cuda-float32-$STAMP.json"
+    keep "$OUT/model-cuda-float32-$STAMP.json"
+}
+phase_model_float16() {
+    step "model-float16-$STAMP" "$PY" -m saffnet_fast.cli.main bench --device cuda \
+        --dtypes float16 --no-train --json --out "$OUT/model-cuda-float16-$STAMP.json"
+    keep "$OUT/model-cuda-float16-$STAMP.json"
+}
+phase_model() { phase_model_float32; phase_model_float16; }
+
+PHASES=("$@")
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
+for phase in "${PHASES[@]}"; do
+    case "$phase" in
+        all) phase_build; phase_test; phase_ops; phase_model ;;
+        build) phase_build ;;
+        test) phase_test ;;
+        ops) phase_ops ;;
+        ops-full) phase_ops_full ;;
+        ops-split_resplice|ops-scaff|ops-sawf) ops_run "${OPS_MATRIX:-spec}" "${phase#ops-}" ;;
+        model) phase_model ;;
+        model-float32) phase_model_float32 ;;
+        model-float16) phase_model_float16 ;;
+        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, build, test, ops, ops-<op>, ops-full, model, model-float32, model-float16)" >&2
+           exit 2 ;;
+    esac
+done
+
+if [ -f "$ROOT/benchmarks/plot_results.py" ]; then
+    "$PY" "$ROOT/benchmarks/plot_results.py" --out-dir "$OUT" "$OUT"/*.json >> "$LOG" 2>&1 || true
+fi
+if [ ${#FAILED[@]} -gt 0 ]; then
+    log "FAILED steps: ${FAILED[*]}"
+    exit 1
+fi
+log "all steps passed; results in $OUT"

@@ -1,0 +1,47 @@
+// Argument checks of aff_fuse / coord_scale, shared by the CPU and CUDA registrations.
+#pragma once
+
+#include "checks.h"
+
+namespace saffnet_fast {
+
+inline void check_coord_factors(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                                const char* op) {
+  check_nchw(x, op, "x");
+  check_like(a_h, {x.size(0), x.size(1), x.size(2)}, x, op, "a_h");
+  check_like(a_w, {x.size(0), x.size(1), x.size(3)}, x, op, "a_w");
+}
+
+// w1: Ci×C (local_att conv1 with BN folded), b1: Ci, w2: C×Ci, b2: C, global_logit: N×C.
+inline void check_aff_args(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                           const at::Tensor& global_logit, const at::Tensor& w1,
+                           const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                           const char* op) {
+  check_coord_factors(x, a_h, a_w, op);
+  const int64_t N = x.size(0), C = x.size(1);
+  check_like(global_logit, {N, C}, x, op, "global_logit");
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op,
+                    ": w1: expected a Ci×C weight with C = ", C,
+                    " (the channels of x), got shape ", w1.sizes());
+  const int64_t Ci = w1.size(0);
+  check_like(w1, {Ci, C}, x, op, "w1");
+  check_like(b1, {Ci}, x, op, "b1");
+  check_like(w2, {C, Ci}, x, op, "w2");
+  check_like(b2, {C}, x, op, "b2");
+}
+
+// x itself when it is densely NCHW- or NHWC-ordered (the kernels index it through its
+// strides), else a contiguous copy.
+inline at::Tensor dense_nchw_or_nhwc(const at::Tensor& x) {
+  if (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) return x;
+  return x.contiguous();
+}
+
+// Memory format for an output shaped like (dense) x: channels_last when x is.
+inline at::MemoryFormat output_format(const at::Tensor& x) {
+  return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace saffnet_fast

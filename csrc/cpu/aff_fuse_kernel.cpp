@@ -1,0 +1,342 @@
+// aff_fuse CPU kernels (float32, float64), see csrc/aff_fuse.cpp for the op and
+// csrc/common/attention_math.h for the math.
+//
+// Minimum bytes moved: forward reads x once and writes out once (+ the N·C·(H+W+1) factors
+// and the weights); one pass. Backward reads grad_out and x once and writes grad_x once
+// (+ small reductions); one pass, the forward recomputed per tile instead of stored.
+//
+// Work unit: a tile of kTile pixels of one sample, with all C channels of each pixel held in
+// [channel][pixel] buffers, so the two 1×1 convolutions of local_att are small GEMMs whose
+// inner loop runs over pixels (vectorisable, no reduction across lanes). x is read through
+// its strides: NCHW and NHWC (channels_last) need no copy; other layouts are made contiguous.
+// The backward's parameter-gradient reductions are accumulated per parallel chunk and summed
+// in chunk order, so results are deterministic for a given thread count.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "../common/aff_fuse_checks.h"
+#include "../common/attention_math.h"
+#include "tile_gemm.h"
+
+namespace saffnet_fast {
+namespace {
+
+// Strides of an N×C×H×W tensor and of the factor tensors, read once.
+struct Strides4 {
+  int64_t n, c, h, w;
+  explicit Strides4(const at::Tensor& t)
+      : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+};
+struct Strides3 {
+  int64_t n, c, l;
+  explicit Strides3(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), l(t.stride(2)) {}
+};
+
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> to_acc(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  const scalar_t* p = c.const_data_ptr<scalar_t>();
+  return std::vector<acc_t>(p, p + c.numel());
+}
+
+// Everything one tile needs, recomputed identically by forward and backward:
+// X = x, M = a_h·a_w, T = x·(1 + M) as [C][kTile]; Z = W1·T + b1 as [Ci][kTile] (pre-ReLU).
+template <typename scalar_t, typename acc_t>
+struct TileForward {
+  int64_t C, Ci, W;
+  std::vector<acc_t> X, M, T, Z, R, Lmat;
+  int64_t hs[kTile], ws[kTile];
+  TileForward(int64_t C_, int64_t Ci_, int64_t W_)
+      : C(C_), Ci(Ci_), W(W_), X(C_ * kTile), M(C_ * kTile), T(C_ * kTile), Z(Ci_ * kTile),
+        R(Ci_ * kTile), Lmat(C_ * kTile) {}
+
+  void load(const scalar_t* x, const Strides4& xs, const scalar_t* a_h, const Strides3& hs3,
+            const scalar_t* a_w, const Strides3& ws3, const std::vector<acc_t>& w1,
+            const std::vector<acc_t>& b1, int64_t n, int64_t p0, int64_t np) {
+    for (int64_t p = 0; p < np; ++p) {
+      hs[p] = (p0 + p) / W;
+      ws[p] = (p0 + p) % W;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* xc = x + n * xs.n + c * xs.c;
+      const scalar_t* ahc = a_h + n * hs3.n + c * hs3.c;
+      const scalar_t* awc = a_w + n * ws3.n + c * ws3.c;
+      acc_t* Xc = X.data() + c * kTile;
+      acc_t* Mc = M.data() + c * kTile;
+      acc_t* Tc = T.data() + c * kTile;
+      for (int64_t p = 0; p < np; ++p) {
+        const acc_t xv = static_cast<acc_t>(xc[hs[p] * xs.h + ws[p] * xs.w]);
+        const acc_t mv = static_cast<acc_t>(ahc[hs[p] * hs3.l]) * static_cast<acc_t>(awc[ws[p] * ws3.l]);
+        Xc[p] = xv;
+        Mc[p] = mv;
+        Tc[p] = xv + xv * mv;
+      }
+    }
+    // Pixels np..kTile-1 of the buffers hold stale (finite) values from earlier tiles, or the
+    // zeros they were created with; the GEMMs run on whole tiles and those lanes are never
+    // stored.
+    tile_gemm(Z.data(), w1.data(), b1.data(), T.data(), Ci, C);
+    for (int64_t k = 0; k < Ci * kTile; ++k) R[k] = relu(Z[k]);
+  }
+
+  // Lmat[c][p] = b2[c] + W2[c]·relu(Z[:, p]): the local_att output of every channel.
+  void local_logits(const std::vector<acc_t>& w2, const std::vector<acc_t>& b2) {
+    tile_gemm(Lmat.data(), w2.data(), b2.data(), R.data(), C, Ci);
+  }
+
+};
+
+template <typename scalar_t>
+void aff_fuse_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                             const at::Tensor& g, const at::Tensor& w1t, const at::Tensor& b1t,
+                             const at::Tensor& w2t, const at::Tensor& b2t, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
+  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
+  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
+  const auto w2 = to_acc<acc_t, scalar_t>(w2t), b2 = to_acc<acc_t, scalar_t>(b2t);
+  const Strides4 xs(x), os(out);
+  const Strides3 hs3(a_h), ws3(a_w);
+  const int64_t gn = g.stride(0), gc = g.stride(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* ahp = a_h.const_data_ptr<scalar_t>();
+  const scalar_t* awp = a_w.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    TileForward<scalar_t, acc_t> tile(C, Ci, W);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
+      const int64_t np = std::min(kTile, HW - p0);
+      tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
+      tile.local_logits(w2, b2);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* L = tile.Lmat.data() + c * kTile;
+        const acc_t glob = static_cast<acc_t>(gp[n * gn + c * gc]);
+        const acc_t* Xc = tile.X.data() + c * kTile;
+        const acc_t* Mc = tile.M.data() + c * kTile;
+        scalar_t* oc = op + n * os.n + c * os.c;
+        for (int64_t p = 0; p < np; ++p) {
+          const acc_t wei = sigmoid(L[p] + glob);
+          oc[tile.hs[p] * os.h + tile.ws[p] * os.w] =
+              static_cast<scalar_t>(aff_combine(Xc[p], Mc[p], wei));
+        }
+      }
+    }
+  });
+}
+
+void aff_fuse_out_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w,
+                      const at::Tensor& global_logit, const at::Tensor& w1, const at::Tensor& b1,
+                      const at::Tensor& w2, const at::Tensor& b2, at::Tensor& out) {
+  check_aff_args(x_in, a_h, a_w, global_logit, w1, b1, w2, b2, "aff_fuse");
+  check_cpu_dtype(x_in, "aff_fuse", "x");
+  check_like(out, x_in.sizes(), x_in, "aff_fuse", "out");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_fuse_cpu", [&] {
+    aff_fuse_forward_kernel<scalar_t>(x, a_h, a_w, global_logit, w1, b1, w2, b2, out);
+  });
+}
+
+at::Tensor aff_fuse_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w,
+                        const at::Tensor& global_logit, const at::Tensor& w1,
+                        const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2) {
+  check_nchw(x_in, "aff_fuse", "x");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
+  aff_fuse_out_cpu(x, a_h, a_w, global_logit, w1, b1, w2, b2, out);
+  return out;
+}
+
+template <typename scalar_t>
+void aff_fuse_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& a_h,
+                              const at::Tensor& a_w, const at::Tensor& g,
+                              const at::Tensor& w1t, const at::Tensor& b1t,
+                              const at::Tensor& w2t, const at::Tensor& b2t, at::Tensor& gx,
+                              at::Tensor& ga_h, at::Tensor& ga_w, at::Tensor& gg,
+                              at::Tensor& gw1, at::Tensor& gb1, at::Tensor& gw2,
+                              at::Tensor& gb2) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
+  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
+  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
+  const auto w2 = to_acc<acc_t, scalar_t>(w2t), b2 = to_acc<acc_t, scalar_t>(b2t);
+  const Strides4 xs(x), gs(grad), dxs(gx);
+  const Strides3 hs3(a_h), ws3(a_w);
+  const int64_t gn = g.stride(0), gc = g.stride(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* gradp = grad.const_data_ptr<scalar_t>();
+  const scalar_t* ahp = a_h.const_data_ptr<scalar_t>();
+  const scalar_t* awp = a_w.const_data_ptr<scalar_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+
+  // Layout of one chunk's reduction buffer.
+  const int64_t off_ah = 0, off_aw = off_ah + N * C * H, off_g = off_aw + N * C * W,
+                off_w1 = off_g + N * C, off_b1 = off_w1 + Ci * C, off_w2 = off_b1 + Ci,
+                off_b2 = off_w2 + C * Ci, red_size = off_b2 + C;
+  std::mutex mutex;
+  std::vector<std::pair<int64_t, std::vector<acc_t>>> partials;
+
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    TileForward<scalar_t, acc_t> tile(C, Ci, W);
+    std::vector<acc_t> red(red_size, acc_t(0));
+    std::vector<acc_t> DX(C * kTile), DM(C * kTile), DS(C * kTile), DZ(Ci * kTile);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
+      const int64_t np = std::min(kTile, HW - p0);
+      const int64_t* hs = tile.hs;
+      const int64_t* ws = tile.ws;
+      tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
+      tile.local_logits(w2, b2);
+      // Output stage: d_x, d_m direct and d_s through the sigmoid.
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* L = tile.Lmat.data() + c * kTile;
+        const acc_t glob = static_cast<acc_t>(gp[n * gn + c * gc]);
+        const scalar_t* gradc = gradp + n * gs.n + c * gs.c;
+        const acc_t* Xc = tile.X.data() + c * kTile;
+        const acc_t* Mc = tile.M.data() + c * kTile;
+        acc_t* DXc = DX.data() + c * kTile;
+        acc_t* DMc = DM.data() + c * kTile;
+        acc_t* DSc = DS.data() + c * kTile;
+        acc_t ds_sum = 0;
+        for (int64_t p = 0; p < np; ++p) {
+          const acc_t wei = sigmoid(L[p] + glob);
+          const acc_t go = static_cast<acc_t>(gradc[hs[p] * gs.h + ws[p] * gs.w]);
+          const AffCombineGrad<acc_t> d = aff_combine_grad(go, Xc[p], Mc[p], wei);
+          DXc[p] = d.d_x;
+          DMc[p] = d.d_m;
+          DSc[p] = d.d_s;
+          ds_sum += d.d_s;
+        }
+        red[off_g + n * C + c] += ds_sum;
+        red[off_b2 + c] += ds_sum;
+      }
+      // Second 1×1 conv: grad_w2 = DS·relu(Z)ᵀ, DZ = (W2ᵀ·DS)·[Z > 0].
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* DSc = DS.data() + c * kTile;
+        acc_t* gw2c = red.data() + off_w2 + c * Ci;
+        for (int64_t j = 0; j < Ci; ++j) {
+          const acc_t* Zj = tile.Z.data() + j * kTile;
+          acc_t s = 0;
+          for (int64_t p = 0; p < np; ++p) s += DSc[p] * relu(Zj[p]);
+          gw2c[j] += s;
+        }
+      }
+      for (int64_t j = 0; j < Ci; ++j) {
+        acc_t* DZj = DZ.data() + j * kTile;
+        std::fill(DZj, DZj + np, acc_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t wv = w2[c * Ci + j];
+          const acc_t* DSc = DS.data() + c * kTile;
+          for (int64_t p = 0; p < np; ++p) DZj[p] += wv * DSc[p];
+        }
+        const acc_t* Zj = tile.Z.data() + j * kTile;
+        acc_t s = 0;
+        for (int64_t p = 0; p < np; ++p) {
+          DZj[p] = Zj[p] > acc_t(0) ? DZj[p] : acc_t(0);
+          s += DZj[p];
+        }
+        red[off_b1 + j] += s;
+      }
+      // First 1×1 conv: grad_w1 = DZ·Tᵀ, DT = W1ᵀ·DZ; then t = x·(1 + m).
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t* Tc = tile.T.data() + c * kTile;
+        const acc_t* Xc = tile.X.data() + c * kTile;
+        const acc_t* Mc = tile.M.data() + c * kTile;
+        acc_t DT[kTile];
+        std::fill(DT, DT + np, acc_t(0));
+        for (int64_t j = 0; j < Ci; ++j) {
+          const acc_t* DZj = DZ.data() + j * kTile;
+          const acc_t wv = w1[j * C + c];
+          acc_t s = 0;
+          for (int64_t p = 0; p < np; ++p) {
+            DT[p] += wv * DZj[p];
+            s += DZj[p] * Tc[p];
+          }
+          red[off_w1 + j * C + c] += s;
+        }
+        const acc_t* DXc = DX.data() + c * kTile;
+        const acc_t* DMc = DM.data() + c * kTile;
+        scalar_t* gxc = gxp + n * dxs.n + c * dxs.c;
+        const scalar_t* ahc = ahp + n * hs3.n + c * hs3.c;
+        const scalar_t* awc = awp + n * ws3.n + c * ws3.c;
+        acc_t* rah = red.data() + off_ah + (n * C + c) * H;
+        acc_t* raw = red.data() + off_aw + (n * C + c) * W;
+        for (int64_t p = 0; p < np; ++p) {
+          const acc_t dx = DXc[p] + DT[p] * (acc_t(1) + Mc[p]);
+          const acc_t dm = DMc[p] + DT[p] * Xc[p];
+          gxc[hs[p] * dxs.h + ws[p] * dxs.w] = static_cast<scalar_t>(dx);
+          rah[hs[p]] += dm * static_cast<acc_t>(awc[ws[p] * ws3.l]);
+          raw[ws[p]] += dm * static_cast<acc_t>(ahc[hs[p] * hs3.l]);
+        }
+      }
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    partials.emplace_back(begin, std::move(red));
+  });
+
+  // Sum the chunks' reductions in chunk order (deterministic for a given thread count).
+  std::sort(partials.begin(), partials.end(),
+            [](const auto& a, const auto& b) { return a.first < b.first; });
+  std::vector<acc_t> total(red_size, acc_t(0));
+  for (const auto& part : partials)
+    for (int64_t i = 0; i < red_size; ++i) total[i] += part.second[i];
+  auto store = [&](at::Tensor& t, int64_t offset) {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<scalar_t>(total[offset + i]);
+  };
+  store(ga_h, off_ah);
+  store(ga_w, off_aw);
+  store(gg, off_g);
+  store(gw1, off_w1);
+  store(gb1, off_b1);
+  store(gw2, off_w2);
+  store(gb2, off_b2);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+aff_fuse_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
+                      const at::Tensor& a_w, const at::Tensor& global_logit,
+                      const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
+                      const at::Tensor& b2) {
+  check_aff_args(x_in, a_h, a_w, global_logit, w1, b1, w2, b2, "aff_fuse_backward");
+  check_cpu_dtype(x_in, "aff_fuse_backward", "x");
+  check_like(grad_out, x_in.sizes(), x_in, "aff_fuse_backward", "grad_out");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
+  at::Tensor ga_h = at::empty({N, C, H}, x.options());
+  at::Tensor ga_w = at::empty({N, C, W}, x.options());
+  at::Tensor gg = at::empty({N, C}, x.options());
+  at::Tensor gw1 = at::empty(w1.sizes(), x.options());
+  at::Tensor gb1 = at::empty(b1.sizes(), x.options());
+  at::Tensor gw2 = at::empty(w2.sizes(), x.options());
+  at::Tensor gb2 = at::empty(b2.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_fuse_backward_cpu", [&] {
+    aff_fuse_backward_kernel<scalar_t>(grad_out, x, a_h, a_w, global_logit, w1, b1, w2, b2, gx,
+                                       ga_h, ga_w, gg, gw1, gb1, gw2, gb2);
+  });
+  return {gx, ga_h, ga_w, gg, gw1, gb1, gw2, gb2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(saffnet_fast, CPU, m) {
+  m.impl("aff_fuse", &aff_fuse_cpu);
+  m.impl("aff_fuse_out", &aff_fuse_out_cpu);
+  m.impl("aff_fuse_backward", &aff_fuse_backward_cpu);
+}
+
+}  // namespace saffnet_fast

@@ -1,0 +1,56 @@
+// Small GEMM on pixel tiles used by the CPU attention kernels:
+//   out[j][p] = bias[j] + Σ_c a[j][c] · b[c][p]      (j < rows, c < inner, p < kTile)
+// with b and out in [row][kTile] layout. The pixel dimension is held in 64-byte vectors
+// (GCC vector extensions) and four output rows share every loaded b vector. Compiled as
+// function clones for AVX-512 / AVX2 / baseline (SAFFNET_CPU_CLONES).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "../common/macros.h"
+
+namespace saffnet_fast {
+
+constexpr int64_t kTile = 32;  // pixels per tile: 2 AVX-512 float vectors, 4 double vectors
+
+template <typename acc_t, int kRows>
+SAFFNET_ALWAYS_INLINE void tile_gemm_block(acc_t* __restrict__ out, const acc_t* __restrict__ a,
+                                           const acc_t* __restrict__ bias,
+                                           const acc_t* __restrict__ b, int64_t j0,
+                                           int64_t inner) {
+  typedef acc_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
+  constexpr int64_t V = kTile / L;
+  vec_t acc[kRows][V];
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < V; ++v) acc[r][v] = vec_t{} + (bias ? bias[j0 + r] : acc_t(0));
+  for (int64_t c = 0; c < inner; ++c) {
+    vec_t bv[V];
+    std::memcpy(bv, b + c * kTile, sizeof(bv));
+    for (int r = 0; r < kRows; ++r) {
+      const acc_t s = a[(j0 + r) * inner + c];
+      for (int64_t v = 0; v < V; ++v) acc[r][v] += s * bv[v];
+    }
+  }
+  for (int r = 0; r < kRows; ++r) std::memcpy(out + (j0 + r) * kTile, acc[r], sizeof(acc[r]));
+}
+
+template <typename acc_t>
+SAFFNET_ALWAYS_INLINE void tile_gemm_body(acc_t* out, const acc_t* a, const acc_t* bias,
+                                          const acc_t* b, int64_t rows, int64_t inner) {
+  int64_t j = 0;
+  for (; j + 4 <= rows; j += 4) tile_gemm_block<acc_t, 4>(out, a, bias, b, j, inner);
+  for (; j < rows; ++j) tile_gemm_block<acc_t, 1>(out, a, bias, b, j, inner);
+}
+
+SAFFNET_CPU_CLONES inline void tile_gemm(float* out, const float* a, const float* bias,
+                                         const float* b, int64_t rows, int64_t inner) {
+  tile_gemm_body<float>(out, a, bias, b, rows, inner);
+}
+SAFFNET_CPU_CLONES inline void tile_gemm(double* out, const double* a, const double* bias,
+                                         const double* b, int64_t rows, int64_t inner) {
+  tile_gemm_body<double>(out, a, bias, b, rows, inner);
+}
+
+}  // namespace saffnet_fast

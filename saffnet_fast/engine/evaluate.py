@@ -1,0 +1,196 @@
+"""COCO keypoint AP (COCOeval, iouType 'keypoints', with the dataset's sigmas) and MPII PCKh."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+from .nms import oks_nms, soft_oks_nms
+
+COCO_STAT_NAMES = ("AP", "AP .5", "AP .75", "AP (M)", "AP (L)",
+                   "AR", "AR .5", "AR .75", "AR (M)", "AR (L)")
+
+
+def _coco_classes():
+    """(COCO, COCOeval, backend name): faster-coco-eval when importable, else pycocotools."""
+    try:
+        from faster_coco_eval import COCO, COCOeval_faster  # type: ignore
+
+        return COCO, COCOeval_faster, "faster_coco_eval"
+    except Exception:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval, "pycocotools"
+
+
+def _load_json(path: str, what: str):
+    from ..data.topdown import MissingFileError
+
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MissingFileError(f"{what} is unreadable ({exc}): {path}") from exc
+
+
+def coco_keypoint_eval(ground_truth: str | dict, results: str | list[dict],
+                       sigmas: Sequence[float] | None = None, verbose: bool = False
+                       ) -> dict[str, float]:
+    """The ten COCO keypoint statistics of ``results`` (list or JSON file in the COCO results
+    format) against ``ground_truth`` (annotation file or dict). ``sigmas`` default to the
+    COCO ones when the category has 17 keypoints."""
+    COCO, COCOeval, _backend = _coco_classes()
+    gt_dict = _load_json(ground_truth, "ground-truth annotation file") if isinstance(
+        ground_truth, str) else ground_truth
+    res_list = _load_json(results, "keypoint results file") if isinstance(results, str) else results
+    if not isinstance(res_list, list):
+        raise ValueError("results: expected a JSON list of {image_id, category_id, keypoints, "
+                         "score} entries")
+    num_joints = None
+    for cat in gt_dict.get("categories", []):
+        if cat.get("keypoints"):
+            num_joints = len(cat["keypoints"])
+            break
+    if sigmas is None:
+        if num_joints != 17:
+            raise ValueError(f"sigmas: the ground truth has {num_joints} keypoints; pass one OKS "
+                             "sigma per keypoint (COCO's defaults only fit 17)")
+        from ..data.dataset_info import COCO_SIGMAS
+
+        sigmas = COCO_SIGMAS
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    if num_joints is not None and len(sigmas) != num_joints:
+        raise ValueError(f"sigmas: expected {num_joints} values, got {len(sigmas)}")
+    if not res_list:
+        return {name: 0.0 for name in COCO_STAT_NAMES}
+    for i, r in enumerate(res_list):
+        if len(r.get("keypoints", [])) != len(sigmas) * 3:
+            raise ValueError(f"results[{i}]: expected {len(sigmas) * 3} keypoint values, got "
+                             f"{len(r.get('keypoints', []))}")
+    try:
+        return _run_cocoeval(COCO, COCOeval, gt_dict, res_list, sigmas, verbose)
+    except Exception as exc:
+        if _backend == "pycocotools":
+            raise
+        warnings.warn(f"faster_coco_eval failed ({type(exc).__name__}: {exc}); using "
+                      "pycocotools", RuntimeWarning, stacklevel=2)
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return _run_cocoeval(COCO, COCOeval, gt_dict, res_list, sigmas, verbose)
+
+
+def _run_cocoeval(COCO, COCOeval, gt_dict, res_list, sigmas, verbose) -> dict[str, float]:
+    sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with sink:
+        coco_gt = COCO()
+        coco_gt.dataset = gt_dict
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(res_list)
+        evaluator = COCOeval(coco_gt, coco_dt, "keypoints")
+        evaluator.params.useSegm = None
+        evaluator.params.kpt_oks_sigmas = sigmas
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(COCO_STAT_NAMES, evaluator.stats[:10])}
+
+
+def rescore_and_nms(people: list[dict], sigmas, in_vis_thre: float = 0.2,
+                    oks_thre: float = 0.9, soft: bool = False) -> list[dict]:
+    """HRNet's COCO post-processing. Each person dict has ``image_id``, ``keypoints`` (K, 3)
+    with per-joint confidence, ``area`` and ``box_score``. The person score becomes
+    box_score × mean confidence of joints above ``in_vis_thre``; then OKS-NMS per image
+    (``oks_thre`` >= 1 disables it). Returns COCO result dicts (category 1)."""
+    by_image: dict[Any, list[dict]] = defaultdict(list)
+    for person in people:
+        kpts = np.asarray(person["keypoints"], dtype=np.float64)
+        confident = kpts[:, 2][kpts[:, 2] > in_vis_thre]
+        keypoint_score = confident.mean() if confident.size else 0.0
+        by_image[person["image_id"]].append({
+            "image_id": person["image_id"], "keypoints": kpts, "area": float(person["area"]),
+            "score": float(person.get("box_score", 1.0)) * float(keypoint_score),
+            "category_id": int(person.get("category_id", 1)),
+        })
+    results = []
+    for image_id, candidates in by_image.items():
+        if oks_thre < 1.0:
+            nms = soft_oks_nms if soft else oks_nms
+            keep = nms(candidates, oks_thre, sigmas, in_vis_thre)
+            candidates = [candidates[i] for i in keep]
+        for c in candidates:
+            results.append({"image_id": c["image_id"], "category_id": c["category_id"],
+                            "keypoints": [round(float(v), 3) for v in c["keypoints"].reshape(-1)],
+                            "score": round(float(c["score"]), 6)})
+    return results
+
+
+# ------------------------------------------------------------------------------- MPII
+
+MPII_TABLE_COLUMNS = ("Head", "Shoulder", "Elbow", "Wrist", "Hip", "Knee", "Ankle", "Mean")
+# MPII joint order: 0 r-ankle, 1 r-knee, 2 r-hip, 3 l-hip, 4 l-knee, 5 l-ankle, 6 pelvis,
+# 7 thorax, 8 upper neck, 9 head top, 10 r-wrist, 11 r-elbow, 12 r-shoulder, 13 l-shoulder,
+# 14 l-elbow, 15 l-wrist.
+_MPII_GROUPS = {"Head": (9,), "Shoulder": (12, 13), "Elbow": (11, 14), "Wrist": (10, 15),
+                "Hip": (2, 3), "Knee": (1, 4), "Ankle": (0, 5)}
+MPII_SC_BIAS = 0.6  # head-box diagonal -> head size, as in the MPII toolkit and HRNet
+
+
+def head_sizes_from_boxes(head_boxes: np.ndarray) -> np.ndarray:
+    """(N, 2, 2) head boxes [[x1, y1], [x2, y2]] -> head sizes (diagonal × 0.6)."""
+    head_boxes = np.asarray(head_boxes, dtype=np.float64)
+    if head_boxes.ndim != 3 or head_boxes.shape[1:] != (2, 2):
+        raise ValueError(f"head_boxes: expected shape (N, 2, 2), got {head_boxes.shape}")
+    return np.linalg.norm(head_boxes[:, 1] - head_boxes[:, 0], axis=1) * MPII_SC_BIAS
+
+
+def mpii_pckh(preds: np.ndarray, gt: np.ndarray, visible: np.ndarray, head_sizes: np.ndarray,
+              threshold: float = 0.5) -> dict[str, float]:
+    """PCKh@threshold (percent) per joint group and the Mean over all joints but pelvis and
+    thorax, weighted by visible-joint counts (HRNet's MPII evaluation).
+
+    preds, gt: (N, 16, 2) in the same pixel convention; visible: (N, 16); head_sizes: (N,).
+    """
+    preds = np.asarray(preds, dtype=np.float64)
+    gt = np.asarray(gt, dtype=np.float64)
+    visible = np.asarray(visible, dtype=np.float64) > 0
+    head_sizes = np.asarray(head_sizes, dtype=np.float64)
+    if preds.shape != gt.shape or preds.ndim != 3 or preds.shape[1:] != (16, 2):
+        raise ValueError(f"preds/gt: expected equal shapes (N, 16, 2), got {preds.shape} and "
+                         f"{gt.shape}")
+    if visible.shape != preds.shape[:2] or head_sizes.shape != preds.shape[:1]:
+        raise ValueError(f"visible {visible.shape} / head_sizes {head_sizes.shape}: expected "
+                         f"{preds.shape[:2]} / {preds.shape[:1]}")
+    if np.any(head_sizes <= 0):
+        raise ValueError("head_sizes: expected positive values")
+    scaled = np.linalg.norm(preds - gt, axis=2) / head_sizes[:, None]
+    correct = (scaled <= threshold) & visible
+    joint_count = visible.sum(axis=0)
+    per_joint = 100.0 * correct.sum(axis=0) / np.maximum(joint_count, 1)
+    table = {}
+    for name, joints in _MPII_GROUPS.items():
+        table[name] = float(np.mean([per_joint[j] for j in joints]))
+    mask = np.ones(16, bool)
+    mask[6:8] = False
+    counts = joint_count * mask
+    table["Mean"] = float((per_joint * counts).sum() / max(counts.sum(), 1))
+    return table
+
+
+def format_pckh_table(table: dict[str, float]) -> str:
+    head = " | ".join(f"{c:>8}" for c in MPII_TABLE_COLUMNS)
+    row = " | ".join(f"{table[c]:8.2f}" for c in MPII_TABLE_COLUMNS)
+    return f"{head}\n{row}"
+
+
+def format_coco_stats(stats: dict[str, float]) -> str:
+    return "\n".join(f"{name:>7}: {value:.4f}" for name, value in stats.items())

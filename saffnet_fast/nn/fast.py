@@ -1,0 +1,310 @@
+"""Drop-in fast versions of SAFFNet's blocks.
+
+Each ``Fast*`` class subclasses its reference class in :mod:`saffnet_fast.nn.reference`:
+same constructor arguments (plus a keyword ``backend=``), same submodules, so the same
+``state_dict`` keys and the official parameter names. Only ``forward`` differs: it picks a
+backend for the input's device and runs
+
+* ``reference``: the reference ``forward`` (plain PyTorch, traceable, ONNX-exportable);
+* ``native``: ``saffnet_fast.ops.native.native_<op>(module, x)`` (the compiled extension);
+* ``triton``: ``saffnet_fast.ops.triton.<op>.triton_<op>(module, x)`` (CUDA tensors, or any
+  tensor under ``TRITON_INTERPRET=1``).
+
+``backend=None`` (the default) follows :func:`saffnet_fast.use_backend` / ``SAFFNET_BACKEND``
+/ ``auto``. ``auto`` takes the first implementation that can serve this call (the device,
+and for Triton the module's mode and the dtype) and otherwise falls back to the reference
+with one warning line per distinct reason. An explicitly requested backend that cannot serve
+the call raises :class:`~saffnet_fast.backend.BackendUnavailableError` saying why.
+
+Tracing (``torch.jit.trace``, ONNX export) always takes the reference path so exported graphs
+contain only standard operators.
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .. import backend as _backend
+from ..backend import BackendUnavailableError
+from .reference import (DEFAULT_DROPOUT, DEFAULT_NEGATIVE_SLOPE, SAWF, SCAFF, CoordAttention,
+                        SplitResplice, _check_input)
+
+__all__ = [
+    "FastCoordAttention",
+    "FastSCAFF",
+    "FastSAWF",
+    "FastSplitResplice",
+    "FAST_FROM_REFERENCE",
+    "REFERENCE_FROM_FAST",
+    "select_implementation",
+    "run_op",
+]
+
+_warned_fallbacks: set[str] = set()
+
+
+def _warn_fallback_once(message: str) -> None:
+    if message not in _warned_fallbacks:
+        _warned_fallbacks.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _native_lookup(op: str, module: nn.Module, x: torch.Tensor) -> Tuple[Optional[Callable], str]:
+    """The native function for ``op`` or (None, why not). Looked up at call time: the native
+    module may not define every op."""
+    if getattr(module, "_bn_folded", False):
+        # The native kernels read the BatchNorm modules; optimize_for_inference only folds
+        # BN inside a fused block when the native backend does not serve it.
+        return None, ("its BatchNorm layers were folded by optimize_for_inference and the "
+                      "native kernels expect the BatchNorm modules")
+    try:
+        native = importlib.import_module("saffnet_fast.ops.native")
+    except Exception as exc:  # the module may not exist in this build yet
+        return None, f"saffnet_fast.ops.native is not importable ({type(exc).__name__}: {exc})"
+    fn = getattr(native, f"native_{op}", None)
+    if fn is None:
+        return None, f"saffnet_fast.ops.native has no native_{op} (op not implemented natively)"
+    # Optional hook: the native side may say which cases it does not cover (a mode, a dtype)
+    # instead of raising NotImplementedError from the op.
+    unsupported = getattr(native, "unsupported_reason", None)
+    if callable(unsupported):
+        reason = unsupported(op, module, x)
+        if reason is not None:
+            return None, reason
+    return fn, ""
+
+
+def _triton_lookup(op: str, module: nn.Module, x: torch.Tensor) -> Tuple[Optional[Callable], str]:
+    try:
+        impl = importlib.import_module(f"saffnet_fast.ops.triton.{op}")
+    except Exception as exc:
+        return None, f"saffnet_fast.ops.triton.{op} is not importable ({type(exc).__name__}: {exc})"
+    reason = impl.unsupported_reason(module, x)
+    if reason is not None:
+        return None, reason
+    fn = getattr(impl, f"triton_{op}", None)
+    if fn is None:
+        return None, f"saffnet_fast.ops.triton.{op} has no triton_{op}"
+    return fn, ""
+
+
+_LOOKUPS = {"native": _native_lookup, "triton": _triton_lookup}
+
+
+def _exporting() -> bool:
+    # Exported graphs (TorchScript tracing, ONNX) must hold standard operators only.
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    is_in_export = getattr(onnx, "is_in_onnx_export", None)
+    return bool(is_in_export()) if is_in_export is not None else False
+
+
+def _candidates(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor):
+    """(explicit, [(name, fn)...], reasons): the implementations to try in order."""
+    requested = _backend.get_backend() if backend is None else backend
+    if requested == "reference" or _exporting():
+        return True, [], []
+    device = x.device
+    if requested in _LOOKUPS:
+        # Raises BackendUnavailableError when the backend as a whole cannot run here.
+        _backend.resolve_backend(requested, device)
+        fn, reason = _LOOKUPS[requested](op, module, x)
+        if fn is None:
+            raise BackendUnavailableError(
+                f"backend={requested!r} cannot run {type(module).__name__} ({op}) on "
+                f"{device.type} {x.dtype} input: {reason}. Pass backend='auto' or "
+                "backend='reference'.")
+        return True, [(requested, fn)], []
+    # auto
+    order = _backend.CUDA_AUTO_ORDER if device.type == "cuda" else ("native", "reference")
+    found, reasons = [], []
+    for candidate in order:
+        if candidate == "reference":
+            break
+        reason = _backend.backend_unavailable_reason(candidate, device)
+        if reason is None:
+            fn, reason = _LOOKUPS[candidate](op, module, x)
+            if fn is not None:
+                found.append((candidate, fn))
+                continue
+        reasons.append(f"{candidate}: {reason}")
+    return False, found, reasons
+
+
+def _fallback_message(op: str, device: torch.device, reasons) -> str:
+    return (f"saffnet_fast: backend='auto' runs {op} with the reference PyTorch path on "
+            f"{device.type} ({'; '.join(reasons)})")
+
+
+def select_implementation(op: str, backend: Optional[str], module: nn.Module,
+                          x: torch.Tensor) -> Tuple[str, Optional[Callable]]:
+    """The implementation ``auto``/``backend`` picks for this call: ``(backend_name, fn)``;
+    ``fn`` is None for the reference path."""
+    explicit, found, reasons = _candidates(op, backend, module, x)
+    if found:
+        return found[0]
+    if not explicit:
+        _warn_fallback_once(_fallback_message(op, x.device, reasons))
+    return "reference", None
+
+
+def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor):
+    """Run ``op`` with the selected implementation; None means "run the reference forward".
+
+    An implementation that raises NotImplementedError (a kernel not written yet for this
+    case) counts as unavailable: auto moves on to the next one, an explicit request raises
+    BackendUnavailableError."""
+    explicit, found, reasons = _candidates(op, backend, module, x)
+    for name, fn in found:
+        try:
+            return fn(module, x)
+        except NotImplementedError as exc:
+            if explicit:
+                raise BackendUnavailableError(
+                    f"backend={name!r} cannot run {type(module).__name__} ({op}) on "
+                    f"{x.device.type} {x.dtype} input: {exc}. Pass backend='auto' or "
+                    "backend='reference'.") from exc
+            reasons.append(f"{name}: {exc}")
+    if not explicit:
+        _warn_fallback_once(_fallback_message(op, x.device, reasons))
+    return None
+
+
+def _compile_time_choice(op: str, backend: Optional[str], module: nn.Module, device: str,
+                         dtype: torch.dtype, training: bool, requires_grad: bool,
+                         grad_enabled: bool) -> str:
+    """select_implementation for torch.compile: evaluated while tracing, its result (a
+    backend name) is a constant of the compiled graph. Under torch.compile the backend is
+    therefore fixed at compile time: a later use_backend() does not recompile. Selecting
+    imports the implementation's module, which _run_traced then finds loaded."""
+    x_like = torch.empty(0, device=device, dtype=dtype).requires_grad_(requires_grad)
+    with torch.set_grad_enabled(grad_enabled):
+        return select_implementation(op, backend, module, x_like)[0]
+
+
+# What torch.compiler.assume_constant_result does (it only sets this attribute), without
+# importing torch._dynamo (and with it triton) when saffnet_fast.nn is imported;
+# tests/test_convert.py checks that the decorator still works this way.
+_compile_time_choice._dynamo_marked_constant = True
+
+
+def _run_traced(name: str, op: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # import statements of already-loaded modules, which torch.compile can trace
+    if name == "native":
+        from ..ops import native as native_ops
+        return getattr(native_ops, f"native_{op}")(module, x)
+    from ..ops import triton as triton_ops
+    return getattr(getattr(triton_ops, op), f"triton_{op}")(module, x)
+
+
+def _validate_backend(backend: Optional[str]) -> Optional[str]:
+    if backend is None:
+        return None
+    if not isinstance(backend, str) or backend.lower() not in _backend.BACKENDS:
+        raise ValueError(f"backend: expected None or one of {_backend.BACKENDS}, got {backend!r}")
+    return backend.lower()
+
+
+class _FastMixin:
+    """Shared dispatch of the fast modules; ``_op`` names the fused op."""
+
+    _op: str = ""
+    backend: Optional[str] = None
+
+    def _dispatch(self, x: torch.Tensor):
+        _check_input(x, self.channels)
+        if torch.compiler.is_compiling():
+            # The selection itself (imports, warnings, context variables) is not traceable:
+            # it runs once per compilation; what it depends on is read here, in traced code,
+            # so torch.compile guards on it (mode, device, dtype, grad) and recompiles.
+            name = _compile_time_choice(self._op, self.backend, self, str(x.device), x.dtype,
+                                        self.training, x.requires_grad,
+                                        torch.is_grad_enabled())
+            if name == "reference":
+                return None
+            try:
+                return _run_traced(name, self._op, self, x)
+            except NotImplementedError:  # a kernel not written for this case: reference
+                return None
+        return run_op(self._op, self.backend, self, x)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        extra = f"backend={self.backend!r}"
+        return f"{base}, {extra}" if base else extra
+
+
+class FastCoordAttention(_FastMixin, CoordAttention):
+    """:class:`CoordAttention` with native/Triton backends (op ``coordinate_attention``)."""
+
+    _op = "coordinate_attention"
+
+    def __init__(self, inp: int, oup: int | None = None, reduction: int = 32, *,
+                 backend: Optional[str] = None):
+        super().__init__(inp, oup, reduction)
+        self.backend = _validate_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._dispatch(x)
+        return CoordAttention.forward(self, x) if out is None else out
+
+
+class FastSCAFF(_FastMixin, SCAFF):
+    """:class:`SCAFF` = AFF(CA(x), x) with native/Triton backends (op ``scaff``)."""
+
+    _op = "scaff"
+
+    def __init__(self, channels: int, ca_reduction: int = 32, aff_r: int = 4, *,
+                 backend: Optional[str] = None):
+        super().__init__(channels, ca_reduction, aff_r)
+        self.backend = _validate_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._dispatch(x)
+        return SCAFF.forward(self, x) if out is None else out
+
+
+class FastSAWF(_FastMixin, SAWF):
+    """:class:`SAWF` = AFF(SE+(x), x) with native/Triton backends (op ``sawf``)."""
+
+    _op = "sawf"
+
+    def __init__(self, channels: int, se_reduction: int = 16, aff_r: int = 4, *,
+                 backend: Optional[str] = None):
+        super().__init__(channels, se_reduction, aff_r)
+        self.backend = _validate_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._dispatch(x)
+        return SAWF.forward(self, x) if out is None else out
+
+
+class FastSplitResplice(_FastMixin, SplitResplice):
+    """:class:`SplitResplice` with native/Triton backends (op ``split_resplice``)."""
+
+    _op = "split_resplice"
+
+    def __init__(self, channels: int, splits: int = 8,
+                 negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+                 dropout: float = DEFAULT_DROPOUT, *, backend: Optional[str] = None):
+        super().__init__(channels, splits, negative_slope, dropout)
+        self.backend = _validate_backend(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._dispatch(x)
+        return SplitResplice.forward(self, x) if out is None else out
+
+
+# Exact reference class -> fast class; convert() swaps only these exact classes.
+FAST_FROM_REFERENCE = {
+    CoordAttention: FastCoordAttention,
+    SCAFF: FastSCAFF,
+    SAWF: FastSAWF,
+    SplitResplice: FastSplitResplice,
+}
+REFERENCE_FROM_FAST = {fast: ref for ref, fast in FAST_FROM_REFERENCE.items()}

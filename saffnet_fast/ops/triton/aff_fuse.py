@@ -1,0 +1,463 @@
+"""The per-pixel pass of AFF(x·m, x), shared by SCAFF and SAWF (training and eval).
+
+With m[n,c,h,w] = a_h[n,c,h]·a_w[n,c,w] (SCAFF: coordinate attention; SAWF: a_h = the SE+
+gate broadcast over H, a_w = 1):
+    att = x·m,  xa = x + att
+    xl  = W2·relu(W1·xa + b1) + b2        (local_att with both BNs folded in: C→C/r→C;
+                                           running statistics in eval, batch statistics
+                                           from ``local_stats`` in training)
+    wei = σ(xl + xg[n, c])                (xg: the global branch, computed on N×C vectors)
+    out = 2·att·wei + 2·x·(1 − wei)
+Each program takes a tile of BLOCK_P pixels × all C channels, runs the bottleneck as two
+tl.dot's, and writes the output: x is read once, the output written once.
+
+Backward (``aff_fuse_backward``): one pass that recomputes the tile's forward and writes dx;
+da_h, da_w go out through atomics (each pixel adds to its row and column); the weight and
+xg gradients accumulate in registers over the tiles a program loops over and are added once
+per program.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ._common import INTERPRET, configs, launch_is_traced_away, next_pow2
+
+
+@triton.autotune(
+    configs=configs([({"BLOCK_P": 16}, 2), ({"BLOCK_P": 32}, 4), ({"BLOCK_P": 64}, 4),
+                     ({"BLOCK_P": 128}, 8)], {"BLOCK_P": 16}),
+    key=["C", "HW"],
+)
+@triton.jit
+def _aff_fuse_kernel(x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
+                     C, CI, H, W, HW,
+                     sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
+                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < HW
+    hh = offs_p // W
+    ww = offs_p % W
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_i = tl.arange(0, BLOCK_I)
+    mask_i = offs_i < CI
+    mask = mask_p[:, None] & mask_c[None, :]
+    acc_t = xg_ptr.dtype.element_ty
+    n64 = n.to(tl.int64)
+
+    x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
+                + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+    plane = n * C + offs_c[None, :]
+    ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
+    aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+    att = x * (ah * aw)
+    xa = x + att
+    # W1 is CI×C: load its transpose C×CI; W2 is C×CI: load its transpose CI×C
+    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
+                  mask=mask_c[:, None] & mask_i[None, :], other=0.0)
+    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
+    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
+    t = tl.maximum(u, 0.0)
+    w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
+                  mask=mask_i[:, None] & mask_c[None, :], other=0.0)
+    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
+        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
+    wei = 1.0 / (1.0 + tl.exp(-z))
+    out = 2.0 * x + 2.0 * (att - x) * wei
+    tl.store(out_ptr + n64 * so_n + offs_c[None, :] * so_c + hh[:, None] * so_h
+             + ww[:, None] * so_w, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr,
+                              b2_ptr, dx_ptr, dah_ptr, daw_ptr, dxg_ptr, dw1_ptr, db1_ptr,
+                              dw2_ptr,
+                              C, CI, H, W, HW, NUM_TILES, TILE_STEP,
+                              sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
+                              sd_n, sd_c, sd_h, sd_w,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                              BLOCK_I: tl.constexpr, PRECISION: tl.constexpr):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    n64 = n.to(tl.int64)
+    acc_t = xg_ptr.dtype.element_ty
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_i = tl.arange(0, BLOCK_I)
+    mask_i = offs_i < CI
+    mask_ci = mask_c[:, None] & mask_i[None, :]
+    mask_ic = mask_i[:, None] & mask_c[None, :]
+    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None], mask=mask_ci, other=0.0)
+    w1 = tl.load(w1_ptr + offs_i[:, None] * C + offs_c[None, :], mask=mask_ic, other=0.0)
+    w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None], mask=mask_ic, other=0.0)
+    w2 = tl.load(w2_ptr + offs_c[:, None] * CI + offs_i[None, :], mask=mask_ci, other=0.0)
+    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
+    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
+        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+
+    acc_dxg = tl.zeros([BLOCK_C], dtype=acc_t)
+    acc_db1 = tl.zeros([BLOCK_I], dtype=acc_t)
+    acc_dw1 = tl.zeros([BLOCK_I, BLOCK_C], dtype=acc_t)
+    acc_dw2 = tl.zeros([BLOCK_C, BLOCK_I], dtype=acc_t)
+    for tile in range(pid_p, NUM_TILES, TILE_STEP):
+        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        hh = offs_p // W
+        ww = offs_p % W
+        mask = mask_p[:, None] & mask_c[None, :]
+        x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
+                    + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+        g = tl.load(g_ptr + n64 * sg_n + offs_c[None, :] * sg_c + hh[:, None] * sg_h
+                    + ww[:, None] * sg_w, mask=mask, other=0.0).to(acc_t)
+        plane = n * C + offs_c[None, :]
+        ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
+        aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+        m = ah * aw
+        att = x * m
+        xa = x + att
+        u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
+        t = tl.maximum(u, 0.0)
+        z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
+        wei = 1.0 / (1.0 + tl.exp(-z))
+        # masked pixels/channels have g = 0, hence dz = 0 and no contribution below
+        dz = 2.0 * g * (att - x) * wei * (1.0 - wei)
+        acc_dxg += tl.sum(dz, axis=0)
+        acc_dw2 += tl.dot(tl.trans(dz), t, input_precision=PRECISION)
+        dt = tl.dot(dz, w2, input_precision=PRECISION)
+        du = tl.where(u > 0.0, dt, 0.0)
+        acc_db1 += tl.sum(du, axis=0)
+        acc_dw1 += tl.dot(tl.trans(du), xa, input_precision=PRECISION)
+        dxa = tl.dot(du, w1, input_precision=PRECISION)
+        datt = 2.0 * g * wei + dxa
+        dx = 2.0 * g * (1.0 - wei) + dxa + datt * m
+        tl.store(dx_ptr + n64 * sd_n + offs_c[None, :] * sd_c + hh[:, None] * sd_h
+                 + ww[:, None] * sd_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        q = datt * x
+        tl.atomic_add(dah_ptr + plane * H + hh[:, None], q * aw, mask=mask)
+        tl.atomic_add(daw_ptr + plane * W + ww[:, None], q * ah, mask=mask)
+    tl.atomic_add(dxg_ptr + n * C + offs_c, acc_dxg, mask=mask_c)
+    tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
+    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1, mask=mask_ic)
+    tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2, mask=mask_ci)
+
+
+def _precision(x: torch.Tensor) -> str:
+    # float32 in, float32 out: IEEE products (TF32 would miss the 1e-5 parity); half inputs
+    # already carry ~1e-3 error, so TF32 tensor cores are fine there.
+    return "tf32" if x.dtype in (torch.float16, torch.bfloat16) and not INTERPRET else "ieee"
+
+
+def _channel_blocks(c: int, ci: int) -> Tuple[int, int]:
+    return max(16, next_pow2(c)), max(16, next_pow2(ci))
+
+
+def launch_aff_fuse(x, a_h, a_w, xg, w1, b1, w2, b2, out=None):
+    n, c, h, w = x.shape
+    ci = w1.shape[0]
+    out = torch.empty_like(x) if out is None else out
+    if launch_is_traced_away(x):
+        return out
+    block_c, block_i = _channel_blocks(c, ci)
+    grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), n)  # noqa: E731
+    wrap_triton(_aff_fuse_kernel)[grid](
+        x, a_h, a_w, xg, w1, b1, w2, b2, out, c, ci, h, w, h * w,
+        *x.stride(), *out.stride(),
+        BLOCK_C=block_c, BLOCK_I=block_i, PRECISION=_precision(x))
+    return out
+
+
+def launch_aff_fuse_backward(grad, x, a_h, a_w, xg, w1, b1, w2, b2, grad_x=None):
+    n, c, h, w = x.shape
+    ci = w1.shape[0]
+    grad_x = torch.empty_like(x) if grad_x is None else grad_x
+    grad_ah = torch.zeros_like(a_h)
+    grad_aw = torch.zeros_like(a_w)
+    grad_xg = torch.zeros_like(xg)
+    grad_w1 = torch.zeros_like(w1)
+    grad_b1 = torch.zeros_like(b1)
+    grad_w2 = torch.zeros_like(w2)
+    if launch_is_traced_away(x):
+        return grad_x, grad_ah, grad_aw, grad_xg, grad_w1, grad_b1, grad_w2, grad_xg.sum(0)
+    block_c, block_i = _channel_blocks(c, ci)
+    block_p = 16 if INTERPRET or block_c >= 256 else 32
+    num_tiles = triton.cdiv(h * w, block_p)
+    # enough programs to fill the GPU, few enough that the weight-gradient atomics stay rare
+    tile_step = max(1, min(num_tiles, 1024 // n))
+    wrap_triton(_aff_fuse_backward_kernel)[(tile_step, n)](
+        grad, x, a_h, a_w, xg, w1, b1, w2, b2,
+        grad_x, grad_ah, grad_aw, grad_xg, grad_w1, grad_b1, grad_w2,
+        c, ci, h, w, h * w, num_tiles, tile_step,
+        *grad.stride(), *x.stride(), *grad_x.stride(),
+        BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_I=block_i, PRECISION=_precision(x),
+        num_warps=4)
+    grad_b2 = grad_xg.sum(0)
+    return grad_x, grad_ah, grad_aw, grad_xg, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@triton_op("saffnet_triton::aff_fuse", mutates_args={})
+def aff_fuse(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, xg: torch.Tensor,
+             w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+             b2: torch.Tensor) -> torch.Tensor:
+    """Fused AFF(x·a_h·a_w, x) pixel pass (BNs folded into w1, b1, w2, b2). x: N×C×H×W (any layout, float16/
+    bfloat16/float32/float64); a_h N×C×H, a_w N×C×W, xg N×C, w1 CI×C, b1 CI, w2 C×CI, b2 C:
+    contiguous, float32 (float64 for float64 x). Output: x's dtype and layout."""
+    return launch_aff_fuse(x, a_h, a_w, xg, w1, b1, w2, b2)
+
+
+@triton_op("saffnet_triton::aff_fuse_backward", mutates_args={})
+def aff_fuse_backward(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor,
+                      a_w: torch.Tensor, xg: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                      w2: torch.Tensor, b2: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_aff_fuse_backward(grad, x, a_h, a_w, xg, w1, b1, w2, b2)
+
+
+def _setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    return aff_fuse_backward(grad, *ctx.saved_tensors)
+
+
+torch.library.register_autograd("saffnet_triton::aff_fuse", _backward, setup_context=_setup)
+
+
+# --------------------------------------------------------------------------- training mode
+#
+# In training, AFF's local branch normalises u = W1·xa + b1 and v = W2·relu(BN1(u)) + b2
+# with batch statistics over N×H×W. ``local_stats`` gives (mean, biased variance) of u
+# (stage 1) or of v (stage 2, with BN1 already folded into W1, b1): one pass in which each
+# tile writes its own mean and centred sum of squares (exact within the tile), merged
+# afterwards (Chan et al.), which avoids the cancellation of E[y²] − E[y]². Its backward is
+# one fused pass too, so autograd differentiates through the batch statistics exactly as it
+# does through nn.BatchNorm2d.
+
+STATS_BLOCK_P = 16 if INTERPRET else 32
+
+
+@triton.jit
+def _tile_moments(y, valid, tile, mean_ptr, m2_ptr, offs_y, mask_y, CY):
+    count = tl.sum(valid.to(y.dtype), axis=0)
+    yv = tl.where(valid[:, None], y, 0.0)
+    tile_mean = tl.sum(yv, axis=0) / count
+    dev = tl.where(valid[:, None], y - tile_mean[None, :], 0.0)
+    tl.store(mean_ptr + tile * CY + offs_y, tile_mean, mask=mask_y)
+    tl.store(m2_ptr + tile * CY + offs_y, tl.sum(dev * dev, axis=0), mask=mask_y)
+
+
+@triton.jit
+def _local_stats_kernel(x_ptr, ah_ptr, aw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, mean_ptr, m2_ptr,
+                        C, CI, H, W, HW, TILES_PER_IMAGE,
+                        sx_n, sx_c, sx_h, sx_w,
+                        STAGE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_I: tl.constexpr, PRECISION: tl.constexpr):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    n64 = n.to(tl.int64)
+    acc_t = w1_ptr.dtype.element_ty
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < HW
+    hh = offs_p // W
+    ww = offs_p % W
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_i = tl.arange(0, BLOCK_I)
+    mask_i = offs_i < CI
+    mask = mask_p[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
+                + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+    plane = n * C + offs_c[None, :]
+    ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
+    aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+    xa = x * (1.0 + ah * aw)
+    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
+                  mask=mask_c[:, None] & mask_i[None, :], other=0.0)
+    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
+    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
+    tile = n * TILES_PER_IMAGE + pid_p
+    if STAGE == 1:
+        _tile_moments(u, mask_p, tile, mean_ptr, m2_ptr, offs_i, mask_i, CI)
+    else:
+        t = tl.maximum(u, 0.0)
+        w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
+                      mask=mask_i[:, None] & mask_c[None, :], other=0.0)
+        b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0)
+        v = tl.dot(t, w2t, input_precision=PRECISION) + b2[None, :]
+        _tile_moments(v, mask_p, tile, mean_ptr, m2_ptr, offs_c, mask_c, C)
+
+
+@triton.jit
+def _local_stats_backward_kernel(gmean_ptr, gvar_ptr, mean_ptr, x_ptr, ah_ptr, aw_ptr,
+                                 w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                                 dx_ptr, dah_ptr, daw_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                                 C, CI, H, W, HW, INV_COUNT, NUM_TILES, TILE_STEP,
+                                 sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
+                                 STAGE: tl.constexpr, BLOCK_P: tl.constexpr,
+                                 BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
+                                 PRECISION: tl.constexpr):
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    n64 = n.to(tl.int64)
+    acc_t = w1_ptr.dtype.element_ty
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_i = tl.arange(0, BLOCK_I)
+    mask_i = offs_i < CI
+    mask_ci = mask_c[:, None] & mask_i[None, :]
+    mask_ic = mask_i[:, None] & mask_c[None, :]
+    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None], mask=mask_ci, other=0.0)
+    w1 = tl.load(w1_ptr + offs_i[:, None] * C + offs_c[None, :], mask=mask_ic, other=0.0)
+    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
+    if STAGE == 1:
+        g_mean = tl.load(gmean_ptr + offs_i, mask=mask_i, other=0.0)
+        g_var = tl.load(gvar_ptr + offs_i, mask=mask_i, other=0.0)
+        mu = tl.load(mean_ptr + offs_i, mask=mask_i, other=0.0)
+    else:
+        g_mean = tl.load(gmean_ptr + offs_c, mask=mask_c, other=0.0)
+        g_var = tl.load(gvar_ptr + offs_c, mask=mask_c, other=0.0)
+        mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+        w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None], mask=mask_ic, other=0.0)
+        w2 = tl.load(w2_ptr + offs_c[:, None] * CI + offs_i[None, :], mask=mask_ci, other=0.0)
+        b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0)
+    acc_dw1 = tl.zeros([BLOCK_I, BLOCK_C], dtype=acc_t)
+    acc_db1 = tl.zeros([BLOCK_I], dtype=acc_t)
+    acc_dw2 = tl.zeros([BLOCK_C, BLOCK_I], dtype=acc_t)
+    acc_db2 = tl.zeros([BLOCK_C], dtype=acc_t)
+    for tile in range(pid_p, NUM_TILES, TILE_STEP):
+        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < HW
+        hh = offs_p // W
+        ww = offs_p % W
+        mask = mask_p[:, None] & mask_c[None, :]
+        x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
+                    + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+        plane = n * C + offs_c[None, :]
+        ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
+        aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+        m1 = 1.0 + ah * aw
+        xa = x * m1
+        u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
+        if STAGE == 1:
+            # d mean/du = 1/M, d var/du = 2(u − μ)/M
+            du = (g_mean[None, :] + 2.0 * g_var[None, :] * (u - mu[None, :])) * INV_COUNT
+            du = tl.where(mask_p[:, None], du, 0.0)
+        else:
+            t = tl.maximum(u, 0.0)
+            v = tl.dot(t, w2t, input_precision=PRECISION) + b2[None, :]
+            dv = (g_mean[None, :] + 2.0 * g_var[None, :] * (v - mu[None, :])) * INV_COUNT
+            dv = tl.where(mask, dv, 0.0)
+            acc_dw2 += tl.dot(tl.trans(dv), t, input_precision=PRECISION)
+            acc_db2 += tl.sum(dv, axis=0)
+            dt = tl.dot(dv, w2, input_precision=PRECISION)
+            du = tl.where(u > 0.0, dt, 0.0)
+        acc_dw1 += tl.dot(tl.trans(du), xa, input_precision=PRECISION)
+        acc_db1 += tl.sum(du, axis=0)
+        dxa = tl.dot(du, w1, input_precision=PRECISION)
+        tl.store(dx_ptr + n64 * sd_n + offs_c[None, :] * sd_c + hh[:, None] * sd_h
+                 + ww[:, None] * sd_w, (dxa * m1).to(dx_ptr.dtype.element_ty), mask=mask)
+        q = dxa * x
+        tl.atomic_add(dah_ptr + plane * H + hh[:, None], q * aw, mask=mask)
+        tl.atomic_add(daw_ptr + plane * W + ww[:, None], q * ah, mask=mask)
+    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1, mask=mask_ic)
+    tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
+    if STAGE == 2:
+        tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2, mask=mask_ci)
+        tl.atomic_add(db2_ptr + offs_c, acc_db2, mask=mask_c)
+
+
+def launch_local_stats(x, a_h, a_w, w1, b1, w2, b2, stage: int):
+    n, c, h, w = x.shape
+    ci = w1.shape[0]
+    channels = ci if stage == 1 else c
+    tiles_per_image = triton.cdiv(h * w, STATS_BLOCK_P)
+    tile_mean = x.new_empty((n * tiles_per_image, channels), dtype=w1.dtype)
+    tile_m2 = torch.empty_like(tile_mean)
+    if not launch_is_traced_away(x):
+        block_c, block_i = _channel_blocks(c, ci)
+        wrap_triton(_local_stats_kernel)[(tiles_per_image, n)](
+            x, a_h, a_w, w1, b1, w2, b2, tile_mean, tile_m2,
+            c, ci, h, w, h * w, tiles_per_image, *x.stride(),
+            STAGE=stage, BLOCK_P=STATS_BLOCK_P, BLOCK_C=block_c, BLOCK_I=block_i,
+            PRECISION=_precision(x), num_warps=4)
+    # merge the tiles' moments (Chan et al.): counts are BLOCK_P but for each image's last tile
+    starts = torch.arange(tiles_per_image, device=x.device) * STATS_BLOCK_P
+    counts = (h * w - starts).clamp(max=STATS_BLOCK_P).to(w1.dtype).repeat(n)[:, None]
+    total = n * h * w
+    mean = (tile_mean * counts).sum(0) / total
+    m2 = tile_m2.sum(0) + (counts * (tile_mean - mean) ** 2).sum(0)
+    return mean, m2 / total
+
+
+def launch_local_stats_backward(grad_mean, grad_var, mean, x, a_h, a_w, w1, b1, w2, b2,
+                                stage: int):
+    n, c, h, w = x.shape
+    ci = w1.shape[0]
+    grad_x = torch.empty_like(x)
+    grad_ah, grad_aw = torch.zeros_like(a_h), torch.zeros_like(a_w)
+    grad_w1, grad_b1 = torch.zeros_like(w1), torch.zeros_like(b1)
+    grad_w2, grad_b2 = torch.zeros_like(w2), torch.zeros_like(b2)
+    if not launch_is_traced_away(x):
+        block_c, block_i = _channel_blocks(c, ci)
+        num_tiles = triton.cdiv(h * w, STATS_BLOCK_P)
+        tile_step = max(1, min(num_tiles, 1024 // n))
+        wrap_triton(_local_stats_backward_kernel)[(tile_step, n)](
+            grad_mean.contiguous(), grad_var.contiguous(), mean.contiguous(), x, a_h, a_w,
+            w1, b1, w2, b2, grad_x, grad_ah, grad_aw, grad_w1, grad_b1, grad_w2, grad_b2,
+            c, ci, h, w, h * w, 1.0 / (n * h * w), num_tiles, tile_step,
+            *x.stride(), *grad_x.stride(),
+            STAGE=stage, BLOCK_P=STATS_BLOCK_P, BLOCK_C=block_c, BLOCK_I=block_i,
+            PRECISION=_precision(x), num_warps=4)
+    return grad_x, grad_ah, grad_aw, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+@triton_op("saffnet_triton::local_stats", mutates_args={})
+def local_stats(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, w1: torch.Tensor,
+                b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                stage: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Batch (mean, biased variance) over N×H×W of u = W1·xa + b1 (stage 1, CI channels) or
+    of v = W2·relu(u) + b2 (stage 2, C channels), xa = x·(1 + a_h·a_w). Stage 1 ignores w2,
+    b2. Tensors as for aff_fuse."""
+    return launch_local_stats(x, a_h, a_w, w1, b1, w2, b2, stage)
+
+
+@triton_op("saffnet_triton::local_stats_backward", mutates_args={})
+def local_stats_backward(grad_mean: torch.Tensor, grad_var: torch.Tensor, mean: torch.Tensor,
+                         x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor,
+                         w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                         b2: torch.Tensor, stage: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                    torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_local_stats_backward(grad_mean, grad_var, mean, x, a_h, a_w, w1, b1, w2, b2,
+                                       stage)
+
+
+def _stats_setup(ctx, inputs, output):
+    x, a_h, a_w, w1, b1, w2, b2, stage = inputs
+    ctx.stage = stage
+    ctx.save_for_backward(x, a_h, a_w, w1, b1, w2, b2, output[0])
+
+
+def _stats_backward(ctx, grad_mean, grad_var):
+    x, a_h, a_w, w1, b1, w2, b2, mean = ctx.saved_tensors
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+    gx, gah, gaw, gw1, gb1, gw2, gb2 = local_stats_backward(
+        grad_mean, grad_var, mean, x, a_h, a_w, w1, b1, w2, b2, ctx.stage)
+    if ctx.stage == 1:
+        gw2 = gb2 = None
+    return gx, gah, gaw, gw1, gb1, gw2, gb2, None
+
+
+torch.library.register_autograd("saffnet_triton::local_stats", _stats_backward,
+                                setup_context=_stats_setup)

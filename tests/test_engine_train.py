@@ -1,0 +1,196 @@
+"""Training engine: exact resume, non-finite loss, configs, checkpoints, native vs reference."""
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from saffnet_fast.data import build_dataset
+from saffnet_fast.engine.checkpoint import atomic_save, load_checkpoint
+from saffnet_fast.engine.config import ConfigError, load_config, packaged_configs
+from saffnet_fast.engine.tiny import TinyPoseNet
+from saffnet_fast.engine.trainer import NonFiniteLossError, Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tmp_path, name, *extra):
+    return load_config(None, [
+        "data.type=synthetic", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.synthetic={num_train: 6, num_val: 2, image_height: 96, image_width: 96}",
+        "model.input_size=[32,24]", "model.name=tiny", "train.batch_size=4", "train.epochs=2",
+        "train.lr_steps=[1]", "data.num_workers=0", "train.progress=false",
+        f"output_dir={tmp_path / name}", "seed=5", *extra])
+
+
+def _model(dropout=0.2):
+    torch.manual_seed(0)
+    return TinyPoseNet(17, width=8, dropout=dropout)
+
+
+def test_stop_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    cfg = _config(tmp_path, "full")
+    train_set = build_dataset(cfg, "train")
+    assert len(train_set) >= 7  # several batches per epoch, so the stop is mid-epoch
+    full = Trainer(cfg, _model(), train_set, log=lambda s: None).fit()["losses"]
+    steps_per_epoch = -(-len(train_set) // 4)
+    stop_at = steps_per_epoch + 1  # inside the second epoch, after an LR milestone
+
+    cfg2 = _config(tmp_path, "split")
+    first = Trainer(cfg2, _model(), train_set, log=lambda s: None).fit(stop_after_steps=stop_at)
+    assert first["losses"] == full[:stop_at]
+    state = torch.load(first["checkpoint"], weights_only=True)  # safe loading works
+    assert state["global_step"] == stop_at and state["epoch"] == 1
+    # scramble every RNG in this process: the checkpoint must restore them
+    torch.manual_seed(999)
+    resumed = Trainer(cfg2, _model(), train_set, log=lambda s: None)
+    assert resumed.global_step == stop_at
+    rest = resumed.fit()["losses"]
+    assert len(rest) == len(full) - stop_at
+    assert rest == pytest.approx(full[stop_at:], rel=1e-6, abs=0)
+    assert os.path.isfile(tmp_path / "split" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "split" / "train_log.csv")
+
+
+class _NaNAfter(torch.nn.Module):
+    def __init__(self, good_steps):
+        super().__init__()
+        self.net = TinyPoseNet(17, width=8)
+        self.calls = 0
+        self.good_steps = good_steps
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.calls > self.good_steps else out
+
+
+def test_non_finite_loss_stops_with_epoch_step_and_value(tmp_path):
+    cfg = _config(tmp_path, "nan")
+    trainer = Trainer(cfg, _NaNAfter(2), build_dataset(cfg, "train"), log=lambda s: None)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss nan at epoch 2, step 3 \(step 1 of the epoch"):
+        trainer.fit()
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    atomic_save({"a": torch.ones(2)}, str(path))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"a": Unpicklable()}, str(path))
+    assert torch.equal(load_checkpoint(str(path))["a"], torch.ones(2))  # old file intact
+    assert os.listdir(tmp_path) == ["ckpt.pth"]
+    from saffnet_fast.data import MissingFileError
+
+    with pytest.raises(MissingFileError, match="nothere.pth"):
+        load_checkpoint(str(tmp_path / "nothere.pth"))
+
+
+def test_config_files_and_overrides():
+    names = packaged_configs()
+    assert {"coco_256x192.yaml", "coco_384x288.yaml", "mpii_256x256.yaml",
+            "synthetic_quick.yaml"} <= set(names)
+    cfg = load_config("coco_256x192", ["train.epochs=2", "model.name=hrnet_df"])
+    assert cfg["train"]["epochs"] == 2 and cfg["model"]["name"] == "hrnet_df"
+    assert cfg["train"]["lr_steps"] == [170, 200] and cfg["train"]["batch_size"] == 32
+    assert cfg["train"]["lr"] == pytest.approx(1e-3) and cfg["data"]["augment"]["rotation_factor"] == 45
+    assert load_config("coco_384x288")["model"]["input_size"] == [384, 288]
+    assert load_config("mpii_256x256")["model"]["num_joints"] == 16
+    with pytest.raises(ConfigError, match="train.epoch"):
+        load_config("coco_256x192", ["train.epoch=2"])
+    with pytest.raises(ConfigError, match="model.input_size"):
+        load_config(None, ["model.input_size=[250,190]"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.epochs"])
+
+
+def test_mixed_precision_bfloat16_trains(tmp_path):
+    cfg = _config(tmp_path, "amp", "train.amp=bfloat16", "model.channels_last=true",
+                  "train.max_steps=2")
+    out = Trainer(cfg, _model(0.0), build_dataset(cfg, "train"), log=lambda s: None).fit()
+    assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import json, os, sys, torch
+    from saffnet_fast.data import build_dataset
+    from saffnet_fast.engine.config import load_config
+    from saffnet_fast.engine.tiny import TinyPoseNet
+    from saffnet_fast.engine.trainer import Trainer
+    torch.set_num_threads(1)
+    cfg = load_config(None, json.loads(sys.argv[1]))
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, TinyPoseNet(17, width=8), build_dataset(cfg, "train"), log=lambda s: None)
+    out = trainer.fit()
+    checksum = float(sum(p.double().sum() for p in trainer.model.parameters()))
+    rank = int(os.environ["RANK"])
+    with open(os.path.join(cfg["output_dir"], f"rank{rank}.json"), "w") as f:
+        json.dump({"steps": out["global_step"], "checksum": checksum,
+                   "world": trainer.world_size}, f)
+""")
+
+
+def test_ddp_two_process_gloo_smoke(tmp_path):
+    cfg = _config(tmp_path, "ddp", "train.epochs=1")
+    build_dataset(cfg, "train")  # generate the set once, before the ranks start
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    overrides = [
+        "data.type=synthetic", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.synthetic={num_train: 6, num_val: 2, image_height: 96, image_width: 96}",
+        "model.input_size=[32,24]", "model.name=tiny", "train.batch_size=4", "train.epochs=1",
+        "data.num_workers=0", "train.progress=false", f"output_dir={tmp_path / 'ddp'}",
+        "train.tensorboard=false"]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+         "--nproc_per_node=2", str(script), json.dumps(overrides)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / "ddp" / f"rank{r}.json")) for r in (0, 1)]
+    n = len(build_dataset(cfg, "train"))
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == -(-(-(-n // 2)) // 4)
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
+    assert os.path.isfile(tmp_path / "ddp" / "checkpoint.pth")
+
+
+@pytest.mark.slow
+def test_native_and_reference_backends_train_alike(tmp_path):
+    import saffnet_fast
+
+    if not saffnet_fast.has_native():
+        pytest.skip(f"native backend unavailable: {saffnet_fast.native_load_error()}")
+    try:
+        from saffnet_fast.convert import convert
+        from saffnet_fast.models import build_model
+    except ImportError as exc:
+        pytest.skip(f"native backend unavailable: {exc}")
+    cfg = _config(tmp_path, "ref", "model.input_size=[64,48]", "train.batch_size=2",
+                  "train.max_steps=20", "train.epochs=20", "train.lr_steps=[100]",
+                  "train.tensorboard=false")
+    train_set = build_dataset(cfg, "train")
+    torch.manual_seed(0)
+    reference = build_model("saffnet", num_joints=17, input_size=(64, 48), backend="reference",
+                            dropout=0.0)
+    native = convert(copy.deepcopy(reference), backend="native")
+    probe = copy.deepcopy(native).train()
+    try:  # training mode needs native kernels for batch statistics too
+        probe(torch.randn(2, 3, 64, 48)).sum().backward()
+    except saffnet_fast.BackendUnavailableError as exc:
+        pytest.skip(f"native backend cannot train here: {exc}")
+    ref_losses = Trainer(cfg, reference, train_set, log=lambda s: None).fit()["losses"]
+    cfg_native = copy.deepcopy(cfg)
+    cfg_native["output_dir"] = str(tmp_path / "native")
+    native_losses = Trainer(cfg_native, native, train_set, log=lambda s: None).fit()["losses"]
+    assert len(ref_losses) == len(native_losses) == 20
+    assert native_losses == pytest.approx(ref_losses, rel=1e-4)
