@@ -4,9 +4,9 @@
     FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 pip install --no-build-isolation -e .   # + CUDA
 
 Environment:
-  FORCE_CUDA=1        compile the CUDA kernels even when torch sees no GPU (needs nvcc and a
-                      CUDA build of torch); by default they are compiled when torch is a CUDA
-                      build and CUDA_HOME (nvcc) is found.
+  FORCE_CUDA=1        compile the CUDA kernels, and fail unless nvcc (CUDA_HOME) and a CUDA
+                      build of torch are there; by default they are compiled whenever both
+                      are found (no GPU needed).
   FORCE_CPU=1         never compile the CUDA kernels.
   DEBUG=1             -O0 -g, no NDEBUG.
   MAX_JOBS=n          parallel compile jobs (torch.utils.cpp_extension reads it).
@@ -52,9 +52,11 @@ def _extensions():
                      f"(CUDA {torch.version.cuda})")
         with_cuda = True
     else:
-        with_cuda = torch_has_cuda and CUDA_HOME is not None and torch.cuda.is_available()
+        # No GPU needed to compile: a CUDA build of torch plus nvcc is enough.
+        with_cuda = torch_has_cuda and CUDA_HOME is not None
 
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # DEBUG: -UNDEBUG undoes the -DNDEBUG that Python's own CFLAGS put first on the line.
+    opt = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3"]
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 for
     # torch 2.13, C++20 from 2.14).
     cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function"]

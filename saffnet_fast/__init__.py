@@ -7,6 +7,16 @@ evaluation / inference toolkit.
 __version__ = "0.1.0"
 
 from ._native import has_native, native_build_info, native_load_error  # noqa: E402
+
+if has_native():
+    # Register the fake kernels and autograd formulas of torch.ops.saffnet_fast.* now, so
+    # code that calls the ops directly (not through saffnet_fast.ops) gets them too.
+    try:
+        from . import ops as _ops  # noqa: F401
+    except Exception as _exc:  # a stale build whose ops do not match this Python code
+        from . import _native
+        _native._disable(f"registering its ops failed: {type(_exc).__name__}: {_exc}"
+                         .splitlines()[0])
 from .backend import (BACKENDS, BackendUnavailableError, available_backends,  # noqa: E402
                       get_backend, has_triton, resolve_backend, use_backend)
 

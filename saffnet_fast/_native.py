@@ -27,12 +27,13 @@ def _load() -> None:
     global _C, _LOAD_ERROR
     if os.environ.get("SAFFNET_DISABLE_NATIVE", "0") == "1":
         _LOAD_ERROR = "disabled by SAFFNET_DISABLE_NATIVE=1"
-        return
-    try:
-        _C = importlib.import_module("saffnet_fast._C")
-    except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
-        _C = None
-        _LOAD_ERROR = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    else:
+        try:
+            _C = importlib.import_module("saffnet_fast._C")
+        except Exception as exc:  # ImportError, or an undefined symbol from a torch mismatch
+            _C = None
+            _LOAD_ERROR = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    if _C is None:
         warnings.warn(
             f"saffnet_fast: native extension not loaded ({_LOAD_ERROR}); "
             "using the reference PyTorch path",
@@ -42,6 +43,16 @@ def _load() -> None:
 
 
 _load()
+
+
+def _disable(reason: str) -> None:
+    """Mark a loaded extension unusable (e.g. a stale build whose ops do not match the
+    Python registrations): one warning line, then the reference path."""
+    global _C, _LOAD_ERROR
+    _C = None
+    _LOAD_ERROR = reason
+    warnings.warn(f"saffnet_fast: native extension not used ({reason}); "
+                  "using the reference PyTorch path", RuntimeWarning, stacklevel=3)
 
 
 def has_native() -> bool:

@@ -103,7 +103,9 @@ def _triton_reason(device) -> str | None:
 
 def _native_reason(device) -> str | None:
     if not has_native():
-        return f"the compiled extension saffnet_fast._C did not load ({native_load_error()})"
+        from . import __version__
+        return (f"the compiled extension saffnet_fast._C did not load ({native_load_error()}); "
+                f"saffnet_fast {__version__} expects it built against torch {torch.__version__}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and not native_build_info().get("with_cuda", False):
         return "saffnet_fast._C was built without CUDA kernels (rebuild with FORCE_CUDA=1)"

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from saffnet_fast.cli.main import main
-from saffnet_fast.data.synthetic import SyntheticParams, split_paths, synthetic_dir
+from saffnet_fast.data.synthetic import split_paths
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,8 @@ def test_test_command_reports_coco_stats(trained, capsys):
 
 def test_predict_writes_json_and_overlay(trained, tmp_path, capsys):
     root, out, _ = trained
-    params = SyntheticParams(num_train=6, num_val=2, image_height=96, image_width=96)
-    _ann, image_dir = split_paths(synthetic_dir(params, str(root / "cache")), "val")
+    (dataset_dir,) = [p for p in (root / "cache").iterdir() if p.name.startswith("synthetic-")]
+    _ann, image_dir = split_paths(str(dataset_dir), "val")
     image = os.path.join(image_dir, sorted(os.listdir(image_dir))[0])
     assert main(["predict", image, "--checkpoint", str(out / "checkpoint.pth"),
                  "--whole-image", "--out", str(tmp_path / "p1")]) == 0

@@ -50,14 +50,10 @@ def test_native_entry_point_raises_clear_error(disabled_run):
     assert "NativeUnavailableError" in line and torch.__version__ in line
 
 
-@pytest.mark.xfail(strict=True, reason="saffnet_fast/backend.py _native_reason() does not name "
-                   "the torch version (owner: backend.py); remove this mark once it does")
 def test_resolve_backend_error_names_torch_version(disabled_run):
     assert torch.__version__ in _line(disabled_run, "ERROR:")
 
 
-@pytest.mark.xfail(strict=True, reason="saffnet_fast/_native.py _load() returns silently when "
-                   "SAFFNET_DISABLE_NATIVE=1 (owner: _native.py); remove this mark once it warns")
 def test_exactly_one_warning_line(disabled_run):
     warning_lines = [line for line in disabled_run.stderr.splitlines() if "Warning" in line]
     assert len(warning_lines) == 1, disabled_run.stderr

@@ -5,7 +5,8 @@ The C++ side (``csrc/``) defines the schemas and the CPU / CUDA kernels of every
   * a fake kernel (``torch.library.register_fake``) so ``torch.compile`` and FakeTensor
     tracing see its output shapes without running it, and
   * an autograd formula (``torch.library.register_autograd``) whose backward is itself a
-    native op.
+    native op (fused kernel), except split_resplice, whose backward is ATen convolution
+    gradients (no fused backward kernel yet).
 
 The entry points ``native_*`` take a reference module (``saffnet_fast.nn.reference``) and
 its input and compute the module's output with the native kernels. Parameters enter the
