@@ -44,7 +44,12 @@ def _groups(result: dict):
     labels = [labels[j] for j in keep]
     values = {p: [v[j] for j in keep] for p, v in values.items()}
     meta = result["meta"]
+    load = meta.get("load_average_1m")
     title = (f"saffnet_fast {result.get('kind', 'ops')} speedup over eager reference\n"
+             f"{meta['device_name']}, {meta.get('torch_threads')} torch thread(s), "
+             f"load {load:.1f}, torch {meta['torch']}, {meta['date'][:10]}"
+             if load is not None else
+             f"saffnet_fast {result.get('kind', 'ops')} speedup over eager reference\n"
              f"{meta['device_name']}, torch {meta['torch']}, {meta['date'][:10]}")
     return labels, providers, values, title
 
@@ -92,17 +97,19 @@ def markdown_table(result: dict) -> str:
     if result.get("kind") == "model":
         lines = ["| section | dtype | batch | input | provider | backend | median ms | img/s "
                  "| × eager | × compile |", "|---|---|---|---|---|---|---|---|---|---|"]
+        skipped = []
         for r in result["results"]:
             size = "×".join(str(s) for s in r["input_size"])
             if r["status"] != "ok":
-                lines.append(f"| {r['section']} | {r['dtype']} | {r['batch']} | {size} | "
-                             f"{r['provider']} | {r['status']}: {r['reason']} | | | | |")
+                line = f"{r['provider']} {r['status']}: {r['reason']}"
+                if line not in skipped:
+                    skipped.append(line)
                 continue
             lines.append(f"| {r['section']} | {r['dtype']} | {r['batch']} | {size} | "
                          f"{r['provider']} | {r['backend']} | {r['median_s'] * 1e3:.1f} | "
                          f"{r['images_per_s']:.1f} | {f(r.get('speedup_vs_eager'), '.2f')} | "
                          f"{f(r.get('speedup_vs_compile'), '.2f')} |")
-        return "\n".join(lines)
+        return "\n".join(lines + [""] + [f"- {line}" for line in skipped])
     lines = ["| op | C×H×W | mode | dtype | batch | provider | median µs | × eager | × compile |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["results"]:

@@ -29,7 +29,7 @@ import subprocess
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
@@ -963,7 +963,3 @@ def parse_input_size(text: str) -> tuple[int, int]:
     if h < 32 or w < 32 or h % 32 or w % 32:
         raise ValueError(f"--input: expected H and W multiples of 32 (≥ 32), got {text!r}")
     return h, w
-
-
-def iter_ok(records: Iterable[dict]) -> Iterable[dict]:
-    return (r for r in records if r["status"] == "ok")

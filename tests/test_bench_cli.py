@@ -78,3 +78,51 @@ def test_bench_json_has_expected_keys_and_positive_throughputs(tiny_run):
 def test_bench_rejects_bad_arguments(argv, needle, capsys):
     assert main(["bench", "--tiny", "--no-save", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_op_workload_runs_reference_forward_and_counts_minimum_bytes():
+    from saffnet_fast import bench
+
+    case = bench.OpCase("scaff", 32, 8, 6, "test")
+    work = bench.make_op_workload(case, "reference", "forward", 2, "float32", "cpu")
+    y = work.step()
+    assert y.shape == (2, 32, 8, 6) and bool(torch.isfinite(y).all())
+    activation = 2 * 32 * 8 * 6 * 4
+    params = sum(p.numel() * 4 for p in bench.make_reference_op("scaff", 32).parameters())
+    assert work.min_bytes == 2 * activation + params
+    assert work.info["shape"] == [2, 32, 8, 6] and work.info["dtype"] == "float32"
+
+
+def test_op_workload_backward_gives_input_and_parameter_gradients():
+    from saffnet_fast import bench
+
+    case = bench.OpCase("sawf", 32, 4, 4, "test")
+    work = bench.make_op_workload(case, "reference", "backward", 2, "float32", "cpu")
+    grads = work.step()
+    n_params = sum(1 for _ in bench.make_reference_op("sawf", 32).parameters())
+    assert len(grads) == 1 + n_params
+    assert grads[0].shape == (2, 32, 4, 4)
+    again = work.step()  # the retained graph can be replayed: nothing accumulates
+    assert torch.equal(grads[0], again[0])
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(mode="sideways"), "mode"),
+    (dict(mode="backward", batch=1), "batch"),
+    (dict(dtype="float8"), "dtype"),
+])
+def test_op_workload_rejects_bad_arguments(kwargs, needle):
+    from saffnet_fast import bench
+
+    args = dict(case=bench.OP_CASES[1], provider="reference", mode="forward", batch=1,
+                dtype="float32", device="cpu")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        bench.make_op_workload(**args)
+
+
+def test_unavailable_provider_is_reported_with_a_reason():
+    from saffnet_fast import bench
+
+    with pytest.raises(bench.ProviderUnavailable, match="triton"):
+        bench.make_op_workload(bench.OP_CASES[1], "triton", "forward", 1, "float32", "cpu")

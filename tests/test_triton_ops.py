@@ -347,7 +347,7 @@ def test_split_resplice_training_parity(channels, splits, shape, dtype, tol):
 def test_split_resplice_training_dropout():
     """Dropout from a counter-based RNG: reproducible under torch.manual_seed, drops about p
     of the elements, and the backward regenerates the same mask (gradcheck in float64)."""
-    from saffnet_fast.ops.triton.split_resplice_train import SplitRespliceTrainFunction
+    from saffnet_fast.ops.triton.split_resplice_train import split_resplice_train_forward
 
     block = _randomize(fast.FastSplitResplice(16, 4, dropout=0.5, backend="triton"))
     block.to(DEVICE).train()
@@ -365,11 +365,10 @@ def test_split_resplice_training_dropout():
     weights = [s.conv.weight.detach().clone().requires_grad_(True) for s in small.steps]
 
     def run(x_in, *ws):
-        params = []
-        for w, s in zip(ws, small.steps):
-            params += [w, s.bn.weight.detach(), s.bn.bias.detach()]
         seed = torch.tensor([1234], dtype=torch.int32, device=DEVICE)
-        return SplitRespliceTrainFunction.apply(x_in, 4, 0.1, 0.3, 1e-5, seed, None, *params)[0]
+        return split_resplice_train_forward(
+            x_in, list(ws), [s.bn.weight.detach() for s in small.steps],
+            [s.bn.bias.detach() for s in small.steps], [], [], seed, 4, 0.1, 0.3, 1e-5)[0]
 
     assert (run(xs, *weights) == 0).any()  # the mask is really in play
     # x and the first and last steps' weights vary (the interpreter is slow); the rest fixed

@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -26,6 +27,7 @@
 #include "../common/aff_fuse_checks.h"
 #include "../common/attention_math.h"
 #include "tile_gemm.h"
+#include "vec_math.h"
 
 namespace saffnet_fast {
 namespace {
@@ -66,6 +68,7 @@ struct TileForward {
       hs[p] = (p0 + p) / W;
       ws[p] = (p0 + p) % W;
     }
+    const bool plane_contiguous = xs.w == 1 && xs.h == W;
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* xc = x + n * xs.n + c * xs.c;
       const scalar_t* ahc = a_h + n * hs3.n + c * hs3.c;
@@ -73,6 +76,18 @@ struct TileForward {
       acc_t* Xc = X.data() + c * kTile;
       acc_t* Mc = M.data() + c * kTile;
       acc_t* Tc = T.data() + c * kTile;
+      if (plane_contiguous) {
+        // NCHW: the tile's pixels are consecutive in the plane.
+        const scalar_t* xt = xc + p0;
+        for (int64_t p = 0; p < np; ++p) {
+          const acc_t xv = static_cast<acc_t>(xt[p]);
+          const acc_t mv = static_cast<acc_t>(ahc[hs[p] * hs3.l]) * static_cast<acc_t>(awc[ws[p] * ws3.l]);
+          Xc[p] = xv;
+          Mc[p] = mv;
+          Tc[p] = xv + xv * mv;
+        }
+        continue;
+      }
       for (int64_t p = 0; p < np; ++p) {
         const acc_t xv = static_cast<acc_t>(xc[hs[p] * xs.h + ws[p] * xs.w]);
         const acc_t mv = static_cast<acc_t>(ahc[hs[p] * hs3.l]) * static_cast<acc_t>(awc[ws[p] * ws3.l]);
@@ -95,6 +110,28 @@ struct TileForward {
 
 };
 
+// res[p] = aff_combine(X[p], M[p], σ(L[p] + glob)) for the kTile pixels of one channel.
+// float: vectorised sigmoid (vec_math.h), compiled as AVX-512 / AVX2 / baseline clones;
+// double: scalar libm.
+SAFFNET_CPU_CLONES void aff_output_tile(float* __restrict__ res, const float* __restrict__ L,
+                                        float glob, const float* __restrict__ X,
+                                        const float* __restrict__ M) {
+  static_assert(kTile % 16 == 0, "kTile must be a whole number of 16-float vectors");
+  for (int64_t v = 0; v < kTile; v += 16) {
+    vfloat16 l, x, m;
+    std::memcpy(&l, L + v, sizeof(l));
+    std::memcpy(&x, X + v, sizeof(x));
+    std::memcpy(&m, M + v, sizeof(m));
+    const vfloat16 wei = vec_sigmoid(l + glob);
+    const vfloat16 o = 2.0f * x * (1.0f + (m - 1.0f) * wei);
+    std::memcpy(res + v, &o, sizeof(o));
+  }
+}
+inline void aff_output_tile(double* res, const double* L, double glob, const double* X,
+                            const double* M) {
+  for (int64_t p = 0; p < kTile; ++p) res[p] = aff_combine(X[p], M[p], sigmoid(L[p] + glob));
+}
+
 template <typename scalar_t>
 void aff_fuse_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
                              const at::Tensor& g, const at::Tensor& w1t, const at::Tensor& b1t,
@@ -113,23 +150,25 @@ void aff_fuse_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, const a
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
 
+  const bool out_plane_contiguous = os.w == 1 && os.h == W;
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     TileForward<scalar_t, acc_t> tile(C, Ci, W);
+    alignas(64) acc_t res[kTile];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
       const int64_t np = std::min(kTile, HW - p0);
       tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
       tile.local_logits(w2, b2);
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t* L = tile.Lmat.data() + c * kTile;
         const acc_t glob = static_cast<acc_t>(gp[n * gn + c * gc]);
-        const acc_t* Xc = tile.X.data() + c * kTile;
-        const acc_t* Mc = tile.M.data() + c * kTile;
+        aff_output_tile(res, tile.Lmat.data() + c * kTile, glob, tile.X.data() + c * kTile,
+                        tile.M.data() + c * kTile);
         scalar_t* oc = op + n * os.n + c * os.c;
-        for (int64_t p = 0; p < np; ++p) {
-          const acc_t wei = sigmoid(L[p] + glob);
-          oc[tile.hs[p] * os.h + tile.ws[p] * os.w] =
-              static_cast<scalar_t>(aff_combine(Xc[p], Mc[p], wei));
+        if (out_plane_contiguous) {
+          std::copy(res, res + np, oc + p0);
+        } else {
+          for (int64_t p = 0; p < np; ++p)
+            oc[tile.hs[p] * os.h + tile.ws[p] * os.w] = static_cast<scalar_t>(res[p]);
         }
       }
     }

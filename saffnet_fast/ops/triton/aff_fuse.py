@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import INTERPRET, configs, launch_is_traced_away, next_pow2
+from ._common import (INTERPRET, configs, launch_is_traced_away, merge_tile_moments, next_pow2,
+                      tile_moments)
 
 
 @triton.autotune(
@@ -247,16 +248,6 @@ STATS_BLOCK_P = 16 if INTERPRET else 32
 
 
 @triton.jit
-def _tile_moments(y, valid, tile, mean_ptr, m2_ptr, offs_y, mask_y, CY):
-    count = tl.sum(valid.to(y.dtype), axis=0)
-    yv = tl.where(valid[:, None], y, 0.0)
-    tile_mean = tl.sum(yv, axis=0) / count
-    dev = tl.where(valid[:, None], y - tile_mean[None, :], 0.0)
-    tl.store(mean_ptr + tile * CY + offs_y, tile_mean, mask=mask_y)
-    tl.store(m2_ptr + tile * CY + offs_y, tl.sum(dev * dev, axis=0), mask=mask_y)
-
-
-@triton.jit
 def _local_stats_kernel(x_ptr, ah_ptr, aw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, mean_ptr, m2_ptr,
                         C, CI, H, W, HW, TILES_PER_IMAGE,
                         sx_n, sx_c, sx_h, sx_w,
@@ -287,14 +278,14 @@ def _local_stats_kernel(x_ptr, ah_ptr, aw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m
     u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
     tile = n * TILES_PER_IMAGE + pid_p
     if STAGE == 1:
-        _tile_moments(u, mask_p, tile, mean_ptr, m2_ptr, offs_i, mask_i, CI)
+        tile_moments(u, mask_p, tile, mean_ptr, m2_ptr, offs_i, mask_i, CI)
     else:
         t = tl.maximum(u, 0.0)
         w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
                       mask=mask_i[:, None] & mask_c[None, :], other=0.0)
         b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0)
         v = tl.dot(t, w2t, input_precision=PRECISION) + b2[None, :]
-        _tile_moments(v, mask_p, tile, mean_ptr, m2_ptr, offs_c, mask_c, C)
+        tile_moments(v, mask_p, tile, mean_ptr, m2_ptr, offs_c, mask_c, C)
 
 
 @triton.jit
@@ -390,13 +381,7 @@ def launch_local_stats(x, a_h, a_w, w1, b1, w2, b2, stage: int):
             c, ci, h, w, h * w, tiles_per_image, *x.stride(),
             STAGE=stage, BLOCK_P=STATS_BLOCK_P, BLOCK_C=block_c, BLOCK_I=block_i,
             PRECISION=_precision(x), num_warps=4)
-    # merge the tiles' moments (Chan et al.): counts are BLOCK_P but for each image's last tile
-    starts = torch.arange(tiles_per_image, device=x.device) * STATS_BLOCK_P
-    counts = (h * w - starts).clamp(max=STATS_BLOCK_P).to(w1.dtype).repeat(n)[:, None]
-    total = n * h * w
-    mean = (tile_mean * counts).sum(0) / total
-    m2 = tile_m2.sum(0) + (counts * (tile_mean - mean) ** 2).sum(0)
-    return mean, m2 / total
+    return merge_tile_moments(tile_mean, tile_m2, n, h * w, STATS_BLOCK_P)
 
 
 def launch_local_stats_backward(grad_mean, grad_var, mean, x, a_h, a_w, w1, b1, w2, b2,

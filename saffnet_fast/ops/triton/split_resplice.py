@@ -13,7 +13,6 @@ Not written: the single-launch inference version with a halo shrinking per step
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
@@ -22,7 +21,9 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from ._common import acc_dtype, common_unsupported_reason, launch_is_traced_away, next_pow2
+from ._common import (acc_dtype, channel_block, common_unsupported_reason, conv3x3_tile,
+                      launch_is_traced_away, pixel_tile, split_resplice_layout,
+                      store_output_and_carry)
 
 
 @triton.jit
@@ -31,51 +32,17 @@ def _sr_step_kernel(x_ptr, carry_in_ptr, w_ptr, b_ptr, out_ptr, carry_out_ptr,
                     sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
                     HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
                     BLOCK_CC: tl.constexpr, BLOCK_O: tl.constexpr, PRECISION: tl.constexpr):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1)
-    n64 = n.to(tl.int64)
-    acc_t = b_ptr.dtype.element_ty
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    hh = offs_p // W
-    ww = offs_p % W
+    n64 = tl.program_id(1).to(tl.int64)
+    offs_p, mask_p, hh, ww = pixel_tile(tl.program_id(0), HW, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < COUT
-    offs_x = tl.arange(0, BLOCK_X)
-    mask_x = offs_x < CX
-    offs_cc = tl.arange(0, BLOCK_CC)
-    mask_cc = offs_cc < CC_IN
-    acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=acc_t)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            h2 = hh + (ky - 1)
-            w2 = ww + (kx - 1)
-            valid = mask_p & (h2 >= 0) & (h2 < H) & (w2 >= 0) & (w2 < W)
-            a = tl.load(x_ptr + n64 * sx_n + (X_C0 + offs_x[None, :]) * sx_c + h2[:, None] * sx_h
-                        + w2[:, None] * sx_w, mask=valid[:, None] & mask_x[None, :],
-                        other=0.0).to(acc_t)
-            wt = tl.load(w_ptr + offs_o[None, :] * (CIN * 9) + offs_x[:, None] * 9 + (ky * 3 + kx),
-                         mask=mask_x[:, None] & mask_o[None, :], other=0.0)
-            acc += tl.dot(a, wt, input_precision=PRECISION)
-            if HAS_CARRY:
-                # the carry buffer is contiguous N×CC_IN×H×W, in the accumulation dtype
-                c = tl.load(carry_in_ptr + (n64 * CC_IN + offs_cc[None, :]) * HW + h2[:, None] * W
-                            + w2[:, None], mask=valid[:, None] & mask_cc[None, :], other=0.0)
-                wc = tl.load(w_ptr + offs_o[None, :] * (CIN * 9) + (CX + offs_cc[:, None]) * 9
-                             + (ky * 3 + kx), mask=mask_cc[:, None] & mask_o[None, :], other=0.0)
-                acc += tl.dot(c, wc, input_precision=PRECISION)
+    acc = conv3x3_tile(x_ptr, carry_in_ptr, w_ptr, n64, hh, ww, mask_p,
+                       H, W, HW, X_C0, CX, CC_IN, CIN, COUT, sx_n, sx_c, sx_h, sx_w,
+                       HAS_CARRY, BLOCK_P, BLOCK_X, BLOCK_CC, BLOCK_O, PRECISION)
     acc += tl.load(b_ptr + offs_o, mask=mask_o, other=0.0)[None, :]
     y = tl.where(acc >= 0.0, acc, acc * SLOPE)
-    to_out = mask_p[:, None] & (mask_o & (offs_o < KEEP))[None, :]
-    tl.store(out_ptr + n64 * so_n + (OUT_C0 + offs_o[None, :]) * so_c + hh[:, None] * so_h
-             + ww[:, None] * so_w, y.to(out_ptr.dtype.element_ty), mask=to_out)
-    to_carry = mask_p[:, None] & (mask_o & (offs_o >= KEEP))[None, :]
-    tl.store(carry_out_ptr + (n64 * (COUT - KEEP) + (offs_o[None, :] - KEEP)) * HW
-             + offs_p[:, None], y, mask=to_carry)
-
-
-def _block(c: int) -> int:
-    return max(16, next_pow2(c))
+    store_output_and_carry(y, out_ptr, carry_out_ptr, n64, offs_p, hh, ww, mask_p, offs_o,
+                           mask_o, HW, COUT, KEEP, OUT_C0, so_n, so_c, so_h, so_w)
 
 
 def launch_split_resplice(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
@@ -92,20 +59,16 @@ def launch_split_resplice(x: torch.Tensor, weights: List[torch.Tensor], biases: 
     block_p = 16 if h * w <= 256 else 64
     grid = (triton.cdiv(h * w, block_p), n)
     carry = x.new_empty((1,), dtype=acc)  # placeholder for step 1, which has no carry
-    out_c0 = width
-    last = len(weights) - 1
-    for j, (weight, bias) in enumerate(zip(weights, biases)):
-        cout, cin = weight.shape[0], weight.shape[1]
-        cc_in = cin - width
-        keep = cout if j == last else math.ceil(cout / 2)
+    for j, (weight, bias, (cout, cin, cc_in, keep, out_c0)) in enumerate(
+            zip(weights, biases, split_resplice_layout(weights, width))):
         carry_out = x.new_empty((n, cout - keep, h, w), dtype=acc) if keep < cout else carry
         wrap_triton(_sr_step_kernel)[grid](
             x, carry, weight, bias, out, carry_out,
             h, w, h * w, (j + 1) * width, width, cc_in, cin, cout, keep, out_c0,
             negative_slope, *x.stride(), *out.stride(),
-            HAS_CARRY=j > 0, BLOCK_P=block_p, BLOCK_X=_block(width), BLOCK_CC=_block(cc_in),
-            BLOCK_O=_block(cout), PRECISION="ieee", num_warps=4)
-        out_c0 += keep
+            HAS_CARRY=j > 0, BLOCK_P=block_p, BLOCK_X=channel_block(width),
+            BLOCK_CC=channel_block(cc_in), BLOCK_O=channel_block(cout), PRECISION="ieee",
+            num_warps=4)
         carry = carry_out
     return out
 

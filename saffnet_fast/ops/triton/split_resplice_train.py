@@ -1,43 +1,63 @@
 """Split-resplice (SR) in Triton with autograd: training mode, and eval mode when gradients
 are needed (BN then uses its running statistics and dropout is off).
 
-Per FC step j (conv3×3 → BN with batch statistics → LeakyReLU → Dropout):
+Two ops, registered with ``torch.library.triton_op`` (every launch through ``wrap_triton``)
+so ``torch.compile`` sees into them, tied together by ``torch.library.register_autograd``:
+
+* ``saffnet_triton::split_resplice_train_forward(x, weights, gammas, betas, running_means,
+  running_vars, seed, splits, negative_slope, p_drop, eps)`` → (out, zs, carries, means,
+  variances). Empty running_* lists mean training (batch statistics); otherwise BN uses them.
+  zs (each step's pre-BN convolution) and carries (each step's carried activations) exist
+  for the backward; means and variances (biased) feed the running averages. Only ``out``
+  carries a gradient: the statistics are treated as constants, as nn.BatchNorm2d's running
+  averages are, and zs/carries are saved state.
+* ``saffnet_triton::split_resplice_train_backward`` → (dL/dx, dL/dW per step, dL/dγ, dL/dβ).
+
+The dropout mask comes from a counter-based RNG: tl.rand(seed + step, element index). The
+seed is an op input (an int32 tensor of one element), so the op is a pure function of its
+inputs and the backward regenerates the mask instead of storing it.
+
+Per FC step j (conv3×3 → BN → LeakyReLU → Dropout):
 forward
   * ``_conv_stats_kernel``: z = conv3×3(input) as an implicit GEMM (9 taps × tl.dot), input
-    read straight from x's slice S(j+1) and the previous step's carry; z is kept for the
-    backward and each tile writes its mean and centred sum of squares, merged into the batch
-    statistics (Chan et al.) without the cancellation of E[z²] − E[z]²;
+    read straight from x's slice S(j+1) and the previous step's carry; each tile writes its
+    mean and centred sum of squares, merged into the batch statistics (Chan et al.);
   * ``_act_kernel``: BN apply + LeakyReLU + dropout, writing the first ceil(c/2) channels
     straight into their slice of the output and the rest into the carry of the next step.
-    The dropout mask comes from a counter-based RNG (tl.rand(seed, element index)) and is
-    regenerated in backward, never stored.
 backward (steps in reverse)
   * ``_act_backward_kernel``: dL/dŷ through dropout and LeakyReLU (from the output slice's
     gradient and the carry's gradient) plus per-tile sums for the BN backward;
-  * dL/dz = γ/σ·(dL/dŷ − mean(dL/dŷ) − x̂·mean(dL/dŷ·x̂)) (PyTorch, elementwise);
+  * ``_bn_input_grad_kernel``: dL/dz = γ/σ·(dL/dŷ − mean(dL/dŷ) − x̂·mean(dL/dŷ·x̂)) in place
+    (γ/σ·dL/dŷ with running statistics). The per-tile sums are added up by PyTorch before
+    it: a reduction over N·TILES×C values, which one kernel per program could only redo;
   * ``_conv_input_backward_kernel``: dL/d(input) as a transposed implicit GEMM, written
     straight into dL/dx's slice and the previous carry's gradient;
   * ``_conv_weight_backward_kernel``: dL/dW, one program column per tap, accumulated in
     registers over the program's tiles and added once.
-Running statistics are updated as nn.BatchNorm2d does (SplitResplice module level).
+Running statistics are updated as nn.BatchNorm2d does (``split_resplice_train``, module
+level, outside the ops so they stay functional).
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
+from torch.library import triton_op, wrap_triton
 
-from ._common import INTERPRET, acc_dtype, next_pow2
+from ._common import (INTERPRET, acc_dtype, channel_block, conv3x3_tile, launch_is_traced_away,
+                      merge_tile_moments, pixel_tile, split_resplice_layout,
+                      store_output_and_carry, tile_moments)
 
 BLOCK_P = 16 if INTERPRET else 64
 
 
-def _block(c: int) -> int:
-    return max(16, next_pow2(c))
+@triton.jit
+def _dropout_keep(seed_ptr, STEP, index, P_DROP):
+    """The counter-based dropout mask of step STEP at the flat element indices ``index``."""
+    return tl.rand(tl.load(seed_ptr) + STEP, index.to(tl.int32)) >= P_DROP
 
 
 @triton.jit
@@ -49,43 +69,15 @@ def _conv_stats_kernel(x_ptr, carry_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
     pid_p = tl.program_id(0)
     n = tl.program_id(1)
     n64 = n.to(tl.int64)
-    acc_t = z_ptr.dtype.element_ty
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    hh = offs_p // W
-    ww = offs_p % W
+    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < COUT
-    offs_x = tl.arange(0, BLOCK_X)
-    mask_x = offs_x < CX
-    offs_cc = tl.arange(0, BLOCK_CC)
-    mask_cc = offs_cc < CC_IN
-    acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=acc_t)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            h2 = hh + (ky - 1)
-            w2 = ww + (kx - 1)
-            valid = mask_p & (h2 >= 0) & (h2 < H) & (w2 >= 0) & (w2 < W)
-            a = tl.load(x_ptr + n64 * sx_n + (X_C0 + offs_x[None, :]) * sx_c + h2[:, None] * sx_h
-                        + w2[:, None] * sx_w, mask=valid[:, None] & mask_x[None, :],
-                        other=0.0).to(acc_t)
-            wt = tl.load(w_ptr + offs_o[None, :] * (CIN * 9) + offs_x[:, None] * 9 + (ky * 3 + kx),
-                         mask=mask_x[:, None] & mask_o[None, :], other=0.0)
-            acc += tl.dot(a, wt, input_precision="ieee")
-            if HAS_CARRY:
-                c = tl.load(carry_ptr + (n64 * CC_IN + offs_cc[None, :]) * HW + h2[:, None] * W
-                            + w2[:, None], mask=valid[:, None] & mask_cc[None, :], other=0.0)
-                wc = tl.load(w_ptr + offs_o[None, :] * (CIN * 9) + (CX + offs_cc[:, None]) * 9
-                             + (ky * 3 + kx), mask=mask_cc[:, None] & mask_o[None, :], other=0.0)
-                acc += tl.dot(c, wc, input_precision="ieee")
-    mask = mask_p[:, None] & mask_o[None, :]
-    tl.store(z_ptr + (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None], acc, mask=mask)
-    count = tl.sum(mask_p.to(acc_t), axis=0)
-    tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
-    dev = tl.where(mask, acc - tile_mean[None, :], 0.0)
-    tile = n * TILES + pid_p
-    tl.store(mean_ptr + tile * COUT + offs_o, tile_mean, mask=mask_o)
-    tl.store(m2_ptr + tile * COUT + offs_o, tl.sum(dev * dev, axis=0), mask=mask_o)
+    acc = conv3x3_tile(x_ptr, carry_ptr, w_ptr, n64, hh, ww, mask_p,
+                       H, W, HW, X_C0, CX, CC_IN, CIN, COUT, sx_n, sx_c, sx_h, sx_w,
+                       HAS_CARRY, BLOCK_P, BLOCK_X, BLOCK_CC, BLOCK_O, "ieee")
+    tl.store(z_ptr + (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None], acc,
+             mask=mask_p[:, None] & mask_o[None, :])
+    tile_moments(acc, mask_p, n * TILES + pid_p, mean_ptr, m2_ptr, offs_o, mask_o, COUT)
 
 
 @triton.jit
@@ -93,30 +85,19 @@ def _act_kernel(z_ptr, scale_ptr, shift_ptr, out_ptr, carry_ptr,
                 HW, COUT, KEEP, OUT_C0, SLOPE, P_DROP, seed_ptr, STEP,
                 so_n, so_c, so_h, so_w, W,
                 BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1)
-    n64 = n.to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
+    n64 = tl.program_id(1).to(tl.int64)
+    offs_p, mask_p, hh, ww = pixel_tile(tl.program_id(0), HW, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < COUT
-    mask = mask_p[:, None] & mask_o[None, :]
     index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
-    z = tl.load(z_ptr + index, mask=mask, other=0.0)
+    z = tl.load(z_ptr + index, mask=mask_p[:, None] & mask_o[None, :], other=0.0)
     y = z * tl.load(scale_ptr + offs_o, mask=mask_o, other=0.0)[None, :] \
         + tl.load(shift_ptr + offs_o, mask=mask_o, other=0.0)[None, :]
     y = tl.where(y > 0.0, y, y * SLOPE)
     if P_DROP > 0.0:
-        keep = tl.rand(tl.load(seed_ptr) + STEP, index.to(tl.int32)) >= P_DROP
-        y = tl.where(keep, y / (1.0 - P_DROP), 0.0)
-    hh = offs_p // W
-    ww = offs_p % W
-    to_out = mask & (offs_o < KEEP)[None, :]
-    tl.store(out_ptr + n64 * so_n + (OUT_C0 + offs_o[None, :]) * so_c + hh[:, None] * so_h
-             + ww[:, None] * so_w, y.to(out_ptr.dtype.element_ty), mask=to_out)
-    to_carry = mask & (offs_o >= KEEP)[None, :]
-    tl.store(carry_ptr + (n64 * (COUT - KEEP) + (offs_o[None, :] - KEEP)) * HW + offs_p[:, None],
-             y, mask=to_carry)
+        y = tl.where(_dropout_keep(seed_ptr, STEP, index, P_DROP), y / (1.0 - P_DROP), 0.0)
+    store_output_and_carry(y, out_ptr, carry_ptr, n64, offs_p, hh, ww, mask_p, offs_o, mask_o,
+                           HW, COUT, KEEP, OUT_C0, so_n, so_c, so_h, so_w)
 
 
 @triton.jit
@@ -128,13 +109,10 @@ def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_pt
     pid_p = tl.program_id(0)
     n = tl.program_id(1)
     n64 = n.to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
+    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < COUT
     mask = mask_p[:, None] & mask_o[None, :]
-    hh = offs_p // W
-    ww = offs_p % W
     index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
     g = tl.load(g_ptr + n64 * sg_n + (OUT_C0 + offs_o[None, :]) * sg_c + hh[:, None] * sg_h
                 + ww[:, None] * sg_w, mask=mask & (offs_o < KEEP)[None, :], other=0.0)
@@ -145,8 +123,7 @@ def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_pt
     y = z * tl.load(scale_ptr + offs_o, mask=mask_o, other=0.0)[None, :] \
         + tl.load(shift_ptr + offs_o, mask=mask_o, other=0.0)[None, :]
     if P_DROP > 0.0:
-        keep = tl.rand(tl.load(seed_ptr) + STEP, index.to(tl.int32)) >= P_DROP
-        g = tl.where(keep, g / (1.0 - P_DROP), 0.0)
+        g = tl.where(_dropout_keep(seed_ptr, STEP, index, P_DROP), g / (1.0 - P_DROP), 0.0)
     gy = tl.where(y > 0.0, g, g * SLOPE)
     gy = tl.where(mask, gy, 0.0)
     tl.store(gy_ptr + index, gy, mask=mask)
@@ -158,20 +135,40 @@ def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_pt
 
 
 @triton.jit
+def _bn_input_grad_kernel(g_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, sum_g_ptr, sum_gx_ptr,
+                          HW, COUT, INV_COUNT, BATCH_STATS: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+    """dL/dz from dL/dŷ (g, overwritten in place). With batch statistics
+    dL/dz = γσ⁻¹·(dL/dŷ − Σ dL/dŷ / M − x̂ · Σ dL/dŷ·x̂ / M), M = N·H·W, x̂ = (z − μ)σ⁻¹;
+    with running statistics μ and σ do not depend on z and dL/dz = γσ⁻¹·dL/dŷ."""
+    n64 = tl.program_id(1).to(tl.int64)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_o = tl.arange(0, BLOCK_O)
+    mask_o = offs_o < COUT
+    mask = (offs_p < HW)[:, None] & mask_o[None, :]
+    index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
+    g = tl.load(g_ptr + index, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_o, mask=mask_o, other=0.0)
+    scale = tl.load(gamma_ptr + offs_o, mask=mask_o, other=0.0) * rstd
+    if BATCH_STATS:
+        z = tl.load(z_ptr + index, mask=mask, other=0.0)
+        xhat = (z - tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)[None, :]) * rstd[None, :]
+        mean_g = tl.load(sum_g_ptr + offs_o, mask=mask_o, other=0.0) * INV_COUNT
+        mean_gx = tl.load(sum_gx_ptr + offs_o, mask=mask_o, other=0.0) * INV_COUNT
+        g = g - mean_g[None, :] - xhat * mean_gx[None, :]
+    tl.store(g_ptr + index, scale[None, :] * g, mask=mask)
+
+
+@triton.jit
 def _conv_input_backward_kernel(gz_ptr, w_ptr, gx_ptr, gcarry_ptr,
                                 H, W, HW, X_C0, CX, CC_IN, CIN, COUT,
                                 sg_n, sg_c, sg_h, sg_w,
                                 HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr,
                                 BLOCK_X: tl.constexpr, BLOCK_CC: tl.constexpr,
                                 BLOCK_O: tl.constexpr):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1)
-    n64 = n.to(tl.int64)
+    n64 = tl.program_id(1).to(tl.int64)
     acc_t = gz_ptr.dtype.element_ty
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    hh = offs_p // W
-    ww = offs_p % W
+    offs_p, mask_p, hh, ww = pixel_tile(tl.program_id(0), HW, W, BLOCK_P)
     offs_o = tl.arange(0, BLOCK_O)
     mask_o = offs_o < COUT
     offs_x = tl.arange(0, BLOCK_X)
@@ -250,129 +247,176 @@ def _conv_weight_backward_kernel(x_ptr, carry_ptr, gz_ptr, gw_ptr,
                       acc_c, mask=mask_cc[:, None] & mask_o[None, :])
 
 
-def _merge_moments(tile_mean, tile_m2, n, hw, block_p):
-    tiles = triton.cdiv(hw, block_p)
-    starts = torch.arange(tiles, device=tile_mean.device) * block_p
-    counts = (hw - starts).clamp(max=block_p).to(tile_mean.dtype).repeat(n)[:, None]
-    total = n * hw
-    mean = (tile_mean * counts).sum(0) / total
-    m2 = tile_m2.sum(0) + (counts * (tile_mean - mean) ** 2).sum(0)
-    return mean, m2 / total
+def _vector(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    return t.to(acc).contiguous()
 
 
-class SplitRespliceTrainFunction(torch.autograd.Function):
-    """SR in training mode. Inputs: x, then per step (conv weight, BN weight, BN bias).
-    Returns (out, batch means, batch biased variances); the statistics feed the running
-    averages and carry no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, splits: int, slope: float, p_drop: float, eps: float,
-                seed: torch.Tensor, running_stats, *params):
-        n, c, h, w = x.shape
-        hw = h * w
-        width = c // splits
-        acc = acc_dtype(x.dtype)
-        steps = len(params) // 3
-        out = torch.empty_like(x)
-        out[:, :width].copy_(x[:, :width])
-        tiles = triton.cdiv(hw, BLOCK_P)
-        grid = (tiles, n)
-        carry = x.new_empty((1,), dtype=acc)
-        out_c0 = width
-        saved, means, variances, layout = [], [], [], []
-        for j in range(steps):
-            weight = params[3 * j].to(acc).contiguous()
-            gamma, beta = params[3 * j + 1].to(acc), params[3 * j + 2].to(acc)
-            cout, cin = weight.shape[0], weight.shape[1]
-            cc_in = cin - width
-            keep = cout if j == steps - 1 else math.ceil(cout / 2)
-            z = x.new_empty((n, cout, h, w), dtype=acc)
-            tile_mean = x.new_empty((n * tiles, cout), dtype=acc)
-            tile_m2 = torch.empty_like(tile_mean)
-            _conv_stats_kernel[grid](
+def launch_split_resplice_train_forward(x, weights, gammas, betas, running_means, running_vars,
+                                        seed, splits, negative_slope, p_drop, eps):
+    n, c, h, w = x.shape
+    hw = h * w
+    width = c // splits
+    acc = acc_dtype(x.dtype)
+    launch = not launch_is_traced_away(x)
+    out = torch.empty_like(x)
+    out[:, :width].copy_(x[:, :width])  # S1 goes straight to the output
+    tiles = triton.cdiv(hw, BLOCK_P)
+    grid = (tiles, n)
+    layout = split_resplice_layout(weights, width)
+    carry = x.new_empty((1,), dtype=acc)  # placeholder: step 1 has no carry in
+    zs, carries, means, variances = [], [], [], []
+    for j, (cout, cin, cc_in, keep, out_c0) in enumerate(layout):
+        weight = weights[j].to(acc).contiguous()
+        z = x.new_empty((n, cout, h, w), dtype=acc)
+        tile_mean = x.new_empty((n * tiles, cout), dtype=acc)
+        tile_m2 = torch.empty_like(tile_mean)
+        if launch:
+            wrap_triton(_conv_stats_kernel)[grid](
                 x, carry, weight, z, tile_mean, tile_m2,
                 h, w, hw, (j + 1) * width, width, cc_in, cin, cout, tiles, *x.stride(),
-                HAS_CARRY=j > 0, BLOCK_P=BLOCK_P, BLOCK_X=_block(width),
-                BLOCK_CC=_block(cc_in), BLOCK_O=_block(cout), num_warps=4)
-            if running_stats is None:
-                mean, var = _merge_moments(tile_mean, tile_m2, n, hw, BLOCK_P)
-            else:  # eval mode with autograd: BN uses its running statistics
-                mean, var = (t.to(acc) for t in running_stats[j])
-            rstd = torch.rsqrt(var + eps)
-            scale = (gamma * rstd).contiguous()
-            shift = (beta - mean * scale).contiguous()
-            carry_out = (x.new_empty((n, cout - keep, h, w), dtype=acc) if keep < cout
-                         else carry)
-            _act_kernel[grid](
-                z, scale, shift, out, carry_out, hw, cout, keep, out_c0, slope, p_drop,
-                seed, j, *out.stride(), w, BLOCK_P=BLOCK_P, BLOCK_O=_block(cout),
-                num_warps=4)
-            saved += [carry, z, weight, gamma, mean, rstd, scale, shift]
-            layout.append((cout, cin, cc_in, keep, out_c0))
-            means.append(mean)
-            variances.append(var)
-            out_c0 += keep
-            carry = carry_out
-        ctx.save_for_backward(x, seed, *saved)
-        ctx.meta = (splits, slope, p_drop, layout, [p.dtype for p in params],
-                    running_stats is None)
-        means_t, vars_t = torch.cat(means), torch.cat(variances)
-        ctx.mark_non_differentiable(means_t, vars_t)
-        return out, means_t, vars_t
+                HAS_CARRY=j > 0, BLOCK_P=BLOCK_P, BLOCK_X=channel_block(width),
+                BLOCK_CC=channel_block(cc_in), BLOCK_O=channel_block(cout), num_warps=4)
+        if running_means:  # eval mode with autograd: BN uses its running statistics
+            mean, var = running_means[j].to(acc), running_vars[j].to(acc)
+        else:
+            mean, var = merge_tile_moments(tile_mean, tile_m2, n, hw, BLOCK_P)
+        scale = gammas[j].to(acc) * torch.rsqrt(var + eps)
+        shift = (betas[j].to(acc) - mean * scale).contiguous()
+        last = j == len(layout) - 1
+        carry_out = carry if last else x.new_empty((n, cout - keep, h, w), dtype=acc)
+        if launch:
+            wrap_triton(_act_kernel)[grid](
+                z, scale.contiguous(), shift, out, carry_out, hw, cout, keep, out_c0,
+                negative_slope, p_drop, seed, j, *out.stride(), w,
+                BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout), num_warps=4)
+        zs.append(z)
+        if not last:
+            carries.append(carry_out)
+        means.append(mean)
+        variances.append(var)
+        carry = carry_out
+    # torch.cat copies: the outputs never alias the running statistics passed in
+    return out, zs, carries, torch.cat(means), torch.cat(variances)
 
-    @staticmethod
-    def backward(ctx, grad_out, _grad_means, _grad_vars):
-        x, seed, *saved = ctx.saved_tensors
-        splits, slope, p_drop, layout, param_dtypes, batch_stats = ctx.meta
-        n, c, h, w = x.shape
-        hw = h * w
-        width = c // splits
-        tiles = triton.cdiv(hw, BLOCK_P)
-        grid = (tiles, n)
-        acc = saved[1].dtype
-        grad_x = torch.empty_like(x)
-        grad_x[:, :width].copy_(grad_out[:, :width])
-        grads: List[Optional[torch.Tensor]] = [None] * (3 * len(layout))
-        grad_carry = x.new_empty((1,), dtype=acc)  # the last step has no carry out
-        for j in reversed(range(len(layout))):
-            carry, z, weight, gamma, mean, rstd, scale, shift = saved[8 * j: 8 * j + 8]
-            cout, cin, cc_in, keep, out_c0 = layout[j]
-            gy = torch.empty_like(z)
-            sum_g = x.new_empty((n * tiles, cout), dtype=acc)
-            sum_gx = torch.empty_like(sum_g)
-            _act_backward_kernel[grid](
-                grad_out, grad_carry, z, scale, shift, mean, rstd, gy, sum_g, sum_gx,
-                hw, cout, keep, out_c0, slope, p_drop, seed, j, tiles,
-                *grad_out.stride(), w, BLOCK_P=BLOCK_P, BLOCK_O=_block(cout), num_warps=4)
-            sum_g, sum_gx = sum_g.sum(0), sum_gx.sum(0)
-            total = n * hw
-            grads[3 * j + 1] = sum_gx.to(param_dtypes[3 * j + 1])  # dL/dγ = Σ dL/dŷ · x̂
-            grads[3 * j + 2] = sum_g.to(param_dtypes[3 * j + 2])   # dL/dβ = Σ dL/dŷ
-            if batch_stats:  # the statistics depend on z too
-                xhat = (z - mean[None, :, None, None]) * rstd[None, :, None, None]
-                gz = (gamma * rstd)[None, :, None, None] * (
-                    gy - (sum_g / total)[None, :, None, None]
-                    - xhat * (sum_gx / total)[None, :, None, None])
-            else:
-                gz = (gamma * rstd)[None, :, None, None] * gy
-            gz = gz.contiguous()
-            grad_carry_in = (x.new_empty((n, cc_in, h, w), dtype=acc) if j > 0
-                             else grad_carry)
-            _conv_input_backward_kernel[grid](
+
+def launch_split_resplice_train_backward(grad_out, x, weights, gammas, betas, zs, carries,
+                                         means, variances, seed, splits, negative_slope,
+                                         p_drop, eps, batch_stats):
+    n, c, h, w = x.shape
+    hw = h * w
+    width = c // splits
+    tiles = triton.cdiv(hw, BLOCK_P)
+    grid = (tiles, n)
+    acc = zs[0].dtype
+    launch = not launch_is_traced_away(x, grad_out)
+    grad_x = torch.empty_like(x)
+    grad_x[:, :width].copy_(grad_out[:, :width])
+    layout = split_resplice_layout(weights, width)
+    steps = len(layout)
+    grad_weights: List[torch.Tensor] = [None] * steps  # type: ignore[list-item]
+    grad_gammas: List[torch.Tensor] = [None] * steps  # type: ignore[list-item]
+    grad_betas: List[torch.Tensor] = [None] * steps  # type: ignore[list-item]
+    placeholder = x.new_empty((1,), dtype=acc)
+    grad_carry = placeholder  # the last step has no carry out
+    channel_starts = [0]
+    for cout, *_ in layout:
+        channel_starts.append(channel_starts[-1] + cout)
+    for j in reversed(range(steps)):
+        cout, cin, cc_in, keep, out_c0 = layout[j]
+        lo, hi = channel_starts[j], channel_starts[j + 1]
+        mean = _vector(means[lo:hi], acc)
+        rstd = torch.rsqrt(_vector(variances[lo:hi], acc) + eps)
+        gamma = _vector(gammas[j], acc)
+        scale = (gamma * rstd).contiguous()
+        shift = (_vector(betas[j], acc) - mean * scale).contiguous()
+        weight = weights[j].to(acc).contiguous()
+        carry_in = carries[j - 1] if j > 0 else placeholder
+        gz = torch.empty_like(zs[j])
+        tile_sum_g = x.new_empty((n * tiles, cout), dtype=acc)
+        tile_sum_gx = torch.empty_like(tile_sum_g)
+        if launch:
+            wrap_triton(_act_backward_kernel)[grid](
+                grad_out, grad_carry, zs[j], scale, shift, mean, rstd, gz, tile_sum_g,
+                tile_sum_gx, hw, cout, keep, out_c0, negative_slope, p_drop, seed, j, tiles,
+                *grad_out.stride(), w, BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout),
+                num_warps=4)
+        sum_g, sum_gx = tile_sum_g.sum(0), tile_sum_gx.sum(0)
+        grad_gammas[j] = sum_gx.to(gammas[j].dtype)  # dL/dγ = Σ dL/dŷ · x̂
+        grad_betas[j] = sum_g.to(betas[j].dtype)  # dL/dβ = Σ dL/dŷ
+        grad_carry_in = x.new_empty((n, cc_in, h, w), dtype=acc) if j > 0 else placeholder
+        grad_w = torch.zeros_like(weight)
+        if launch:
+            wrap_triton(_bn_input_grad_kernel)[grid](
+                gz, zs[j], mean, rstd, gamma, sum_g, sum_gx, hw, cout, 1.0 / (n * hw),
+                BATCH_STATS=batch_stats, BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout),
+                num_warps=4)
+            blocks = dict(HAS_CARRY=j > 0, BLOCK_P=BLOCK_P, BLOCK_X=channel_block(width),
+                          BLOCK_CC=channel_block(cc_in), BLOCK_O=channel_block(cout),
+                          num_warps=4)
+            wrap_triton(_conv_input_backward_kernel)[grid](
                 gz, weight, grad_x, grad_carry_in, h, w, hw, (j + 1) * width, width, cc_in,
-                cin, cout, *grad_x.stride(), HAS_CARRY=j > 0, BLOCK_P=BLOCK_P,
-                BLOCK_X=_block(width), BLOCK_CC=_block(cc_in), BLOCK_O=_block(cout),
-                num_warps=4)
-            grad_w = torch.zeros_like(weight)
+                cin, cout, *grad_x.stride(), **blocks)
             tile_step = max(1, min(tiles, 1024 // (9 * n)))
-            _conv_weight_backward_kernel[(tile_step, n, 9)](
-                x, carry, gz, grad_w, h, w, hw, (j + 1) * width, width, cc_in, cin, cout,
-                tiles, tile_step, *x.stride(), HAS_CARRY=j > 0, BLOCK_P=BLOCK_P,
-                BLOCK_X=_block(width), BLOCK_CC=_block(cc_in), BLOCK_O=_block(cout),
-                num_warps=4)
-            grads[3 * j] = grad_w.to(param_dtypes[3 * j])
-            grad_carry = grad_carry_in
-        return (grad_x, None, None, None, None, None, None, *grads)
+            wrap_triton(_conv_weight_backward_kernel)[(tile_step, n, 9)](
+                x, carry_in, gz, grad_w, h, w, hw, (j + 1) * width, width, cc_in, cin, cout,
+                tiles, tile_step, *x.stride(), **blocks)
+        grad_weights[j] = grad_w.to(weights[j].dtype)
+        grad_carry = grad_carry_in
+    return grad_x, grad_weights, grad_gammas, grad_betas
+
+
+@triton_op("saffnet_triton::split_resplice_train_forward", mutates_args={})
+def split_resplice_train_forward(
+        x: torch.Tensor, weights: List[torch.Tensor], gammas: List[torch.Tensor],
+        betas: List[torch.Tensor], running_means: List[torch.Tensor],
+        running_vars: List[torch.Tensor], seed: torch.Tensor, splits: int,
+        negative_slope: float, p_drop: float, eps: float
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """SR forward with BN batch statistics (running_means/vars empty) or running statistics.
+    weights[j]: Cout×Cin×3×3 (no bias), gammas/betas[j]: Cout; seed: int32, one element.
+    Returns (out, zs, carries, means, biased variances); see the module docstring."""
+    return launch_split_resplice_train_forward(x, weights, gammas, betas, running_means,
+                                               running_vars, seed, splits, negative_slope,
+                                               p_drop, eps)
+
+
+@triton_op("saffnet_triton::split_resplice_train_backward", mutates_args={})
+def split_resplice_train_backward(
+        grad_out: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
+        gammas: List[torch.Tensor], betas: List[torch.Tensor], zs: List[torch.Tensor],
+        carries: List[torch.Tensor], means: torch.Tensor, variances: torch.Tensor,
+        seed: torch.Tensor, splits: int, negative_slope: float, p_drop: float, eps: float,
+        batch_stats: bool
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+    """(dL/dx, dL/dW, dL/dγ, dL/dβ) of split_resplice_train_forward's ``out``."""
+    return launch_split_resplice_train_backward(grad_out, x, weights, gammas, betas, zs,
+                                                carries, means, variances, seed, splits,
+                                                negative_slope, p_drop, eps, batch_stats)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weights, gammas, betas, running_means, _running_vars, seed, splits, negative_slope,
+     p_drop, eps) = inputs
+    _, zs, carries, means, variances = output
+    ctx.steps = len(weights)
+    ctx.config = (splits, negative_slope, p_drop, eps, not running_means)
+    ctx.save_for_backward(x, seed, means, variances, *weights, *gammas, *betas, *zs, *carries)
+
+
+def _backward(ctx, grad_out, _grad_zs, _grad_carries, _grad_means, _grad_variances):
+    x, seed, means, variances, *per_step = ctx.saved_tensors
+    k = ctx.steps
+    weights, gammas, betas = per_step[:k], per_step[k:2 * k], per_step[2 * k:3 * k]
+    zs, carries = per_step[3 * k:4 * k], per_step[4 * k:]
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    grad_x, grad_w, grad_gamma, grad_beta = split_resplice_train_backward(
+        grad_out, x, weights, gammas, betas, zs, carries, means, variances, seed, *ctx.config)
+    return grad_x, grad_w, grad_gamma, grad_beta, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("saffnet_triton::split_resplice_train_forward", _backward,
+                                setup_context=_setup_context)
 
 
 def unsupported_reason(module: nn.Module) -> Optional[str]:
@@ -403,32 +447,34 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean, var, count: int) -> None:
 def split_resplice_train(module: nn.Module, x: torch.Tensor,
                          seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SR forward with autograd: training mode (batch statistics, dropout), or eval mode
-    (running statistics, no dropout) when gradients are needed."""
+    (running statistics, no dropout) when gradients are needed. ``seed``: int32 tensor of
+    one element on x's device choosing the dropout mask (drawn from torch's generator when
+    None)."""
     n, c, h, w = x.shape
+    steps = module.steps
+    weights = [step.conv.weight for step in steps]
+    gammas = [step.bn.weight for step in steps]
+    betas = [step.bn.bias for step in steps]
+    slope = float(steps[0].act.negative_slope)
+    eps = float(steps[0].bn.eps)
     if not module.training:
-        params = []
-        for step in module.steps:
-            params += [step.conv.weight, step.bn.weight, step.bn.bias]
-        running = tuple((s.bn.running_mean, s.bn.running_var) for s in module.steps)
-        return SplitRespliceTrainFunction.apply(
-            x, module.splits, float(module.steps[0].act.negative_slope), 0.0,
-            float(module.steps[0].bn.eps), x.new_zeros((1,), dtype=torch.int32), running,
-            *params)[0]
+        return split_resplice_train_forward(
+            x, weights, gammas, betas, [s.bn.running_mean for s in steps],
+            [s.bn.running_var for s in steps], x.new_zeros((1,), dtype=torch.int32),
+            module.splits, slope, 0.0, eps)[0]
     if n * h * w <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
-    steps = module.steps
     p_drop = float(steps[0].drop.p) if steps[0].drop.training else 0.0
     if seed is None:
         # drawn on the device from torch's generator: torch.manual_seed makes runs
         # reproducible, and neither a host sync nor a graph break is needed
         seed = torch.randint(0, 2 ** 30, (1,), device=x.device, dtype=torch.int32)
-    params = []
-    for step in steps:
-        params += [step.conv.weight, step.bn.weight, step.bn.bias]
-    out, means, variances = SplitRespliceTrainFunction.apply(
-        x, module.splits, float(steps[0].act.negative_slope), p_drop, float(steps[0].bn.eps),
-        seed, None, *params)
+    elif not (seed.dtype == torch.int32 and seed.numel() == 1 and seed.device == x.device):
+        raise ValueError(f"seed: expected an int32 tensor of one element on {x.device}, got "
+                         f"{seed.dtype} of shape {tuple(seed.shape)} on {seed.device}")
+    out, _, _, means, variances = split_resplice_train_forward(
+        x, weights, gammas, betas, [], [], seed, module.splits, slope, p_drop, eps)
     offset = 0
     for step in steps:
         cout = step.conv.out_channels
