@@ -230,6 +230,21 @@ def test_output_keeps_channels_last():
 # ----------------------------------------------------------------- poisoned outputs
 
 
+@pytest.fixture
+def nan_filled_allocations():
+    """Every torch.empty* allocation NaN-filled (deterministic mode's
+    fill_uninitialized_memory): a buffer or output element a kernel misses stays NaN and
+    spreads into the compared tensors."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.isnan(torch.empty(4, device=DEVICE)).all()
+    yield
+    torch.use_deterministic_algorithms(previous[0])
+    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+
+
 def test_kernels_write_every_output_element():
     """Outputs NaN-filled before each launch: a missed element stays NaN."""
     torch.manual_seed(3)
@@ -257,6 +272,13 @@ def test_kernels_write_every_output_element():
     torch.testing.assert_close(dx, g * m)
     torch.testing.assert_close(dah, (g * x * a_w[..., None, :]).sum(3))
     torch.testing.assert_close(daw, (g * x * a_h[..., :, None]).sum(2))
+    per_pixel = torch.randn(n, c, device=DEVICE)[:, :, None, None].expand(n, c, h, w)
+    dx, dah, daw = coordinate_attention.launch_coord_apply_backward(  # weighted mean's
+        per_pixel, x, a_h, a_w, grad_x=nan(n, c, h, w), grad_ah=nan(n, c, h),
+        grad_aw=nan(n, c, w), plus_one=True)
+    torch.testing.assert_close(dx, per_pixel * (1 + m))
+    torch.testing.assert_close(dah, (per_pixel * x * a_w[..., None, :]).sum(3))
+    torch.testing.assert_close(daw, (per_pixel * x * a_h[..., :, None]).sum(2))
 
     xg, w1, b1 = torch.randn(n, c), torch.randn(ci, c), torch.randn(ci)
     w2, b2 = torch.randn(c, ci), torch.randn(c)
@@ -270,6 +292,22 @@ def test_kernels_write_every_output_element():
     grads = aff_fuse.launch_aff_fuse_backward(g, x, a_h, a_w, xg, w1, b1, w2, b2,
                                               grad_x=nan(n, c, h, w))
     assert all(torch.isfinite(t).all() for t in grads)
+
+
+@pytest.mark.parametrize("n,hw,block_p,channels", [(3, 37, 16, 5), (1, 16, 16, 70)])
+def test_merge_tile_moments(n, hw, block_p, channels, nan_filled_allocations):
+    """The one-launch merge of per-tile moments (short last tile per image, more channels
+    than one program's block) against mean/var of the data itself."""
+    torch.manual_seed(19)
+    data = torch.randn(n, channels, hw, device=DEVICE, dtype=torch.float64) * 3 + 1
+    tiles = [data[:, :, i:i + block_p] for i in range(0, hw, block_p)]
+    tile_mean = torch.stack([t.mean(2) for t in tiles], 1).reshape(-1, channels)
+    tile_m2 = torch.stack([((t - t.mean(2, keepdim=True)) ** 2).sum(2) for t in tiles],
+                          1).reshape(-1, channels)
+    mean, var = _common.merge_tile_moments(tile_mean.contiguous(), tile_m2.contiguous(), n, hw,
+                                           block_p)
+    torch.testing.assert_close(mean, data.mean((0, 2)), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, data.var((0, 2), unbiased=False), rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------- selection and modes
@@ -386,6 +424,89 @@ def test_split_resplice_eval_with_autograd():
     _check_parity(block, reference, torch.randn(2, 16, 3, 4, device=DEVICE), 1e-5)
 
 
+@pytest.mark.parametrize("mode,layout", [("train", "sliced"), ("train", "permuted"),
+                                         ("eval", "sliced")])
+def test_split_resplice_autograd_poisoned_noncontiguous(mode, layout, nan_filled_allocations):
+    """Training and eval-with-gradients on non-contiguous inputs of odd size, every
+    intermediate (z, carries, tile sums, dL/dz, dL/dx) allocated NaN-filled: forward, every
+    gradient and the running statistics against the reference."""
+    torch.manual_seed(14)
+    block = _randomize(fast.FastSplitResplice(16, 4, dropout=0.0, backend="triton"))
+    reference = ref.SplitResplice(16, 4, dropout=0.0)
+    reference.load_state_dict(block.state_dict())
+    block.to(DEVICE).train(mode == "train")
+    reference.to(DEVICE).train(mode == "train")
+    if layout == "sliced":  # every other channel and column
+        x = torch.randn(2, 32, 3, 10, device=DEVICE)[:, ::2, :, ::2]
+    else:  # N×C×W×H storage seen as N×C×H×W
+        x = torch.randn(2, 16, 5, 3, device=DEVICE).transpose(2, 3)
+    assert not x.is_contiguous()
+    _check_parity(block, reference, x, 1e-5)
+
+
+def test_split_resplice_bn_folded_with_autograd(nan_filled_allocations):
+    """BN folded into the convolutions (Identity steps, conv bias), eval mode with gradients:
+    the Triton autograd path serves it; forward and every gradient (conv weights and biases)
+    against the reference module folded the same way."""
+    from saffnet_fast.convert import fold_batchnorm
+    from saffnet_fast.ops.triton import split_resplice as triton_sr
+
+    torch.manual_seed(16)
+    block = _randomize(fast.FastSplitResplice(16, 4, backend="triton")).to(DEVICE).eval()
+    reference = ref.SplitResplice(16, 4).to(DEVICE).eval()
+    reference.load_state_dict(block.state_dict())
+    assert fold_batchnorm(block) == fold_batchnorm(reference) == 3
+    assert all(isinstance(step.bn, nn.Identity) for step in block.steps)
+    x = torch.randn(2, 16, 5, 3, device=DEVICE).requires_grad_(True)
+    assert triton_sr.unsupported_reason(block, x) is None
+    _check_parity(block, reference, x, 1e-5)
+    block.train()
+    assert "folded" in triton_sr.unsupported_reason(block, x)
+
+
+def test_split_resplice_autograd_ops_opcheck_and_seed():
+    """The training ops are registered (schema, autograd, fake kernels); the dropout mask is a
+    function of the seed input alone."""
+    from saffnet_fast.ops.triton.split_resplice_train import (split_resplice_train,
+                                                              split_resplice_train_forward)
+
+    torch.manual_seed(15)
+    d = dict(device=DEVICE, dtype=torch.float64)
+    x = torch.randn(2, 12, 3, 2, **d, requires_grad=True)  # splits 3: steps of 4, 6 channels
+    weights = [torch.randn(4, 4, 3, 3, **d, requires_grad=True),
+               torch.randn(6, 6, 3, 3, **d, requires_grad=True)]
+    gammas = [(torch.rand(c, **d) + 0.5).requires_grad_(True) for c in (4, 6)]
+    betas = [torch.randn(c, **d, requires_grad=True) for c in (4, 6)]
+    seed = torch.tensor([7], dtype=torch.int32, device=DEVICE)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    forward_op = torch.ops.saffnet_triton.split_resplice_train_forward
+    torch.library.opcheck(forward_op, (x, weights, gammas, betas, [], [], seed, 3, 0.1, 0.2,
+                                       1e-5), test_utils=tests)
+    running = ([torch.randn(c, **d) for c in (4, 6)], [torch.rand(c, **d) + 0.5 for c in (4, 6)])
+    torch.library.opcheck(forward_op, (x, weights, gammas, betas, *running, seed, 3, 0.1, 0.0,
+                                       1e-5), test_utils=tests)
+    out, zs, carries, means, variances = split_resplice_train_forward(
+        x, weights, gammas, betas, [], [], seed, 3, 0.1, 0.2, 1e-5)
+    plain = lambda ts: [t.detach() for t in ts]  # noqa: E731
+    torch.library.opcheck(
+        torch.ops.saffnet_triton.split_resplice_train_backward,
+        (torch.randn_like(out), x.detach(), plain(weights), plain(gammas), plain(betas),
+         plain(zs), plain(carries), means, variances, seed, 3, 0.1, 0.2, 1e-5, True),
+        test_utils=tests)
+
+    def with_seed(value):
+        return split_resplice_train_forward(
+            x, weights, gammas, betas, [], [], torch.tensor([value], dtype=torch.int32,
+                                                            device=DEVICE),
+            3, 0.1, 0.5, 1e-5)[0]
+
+    assert torch.equal(with_seed(7), with_seed(7))
+    assert not torch.equal((with_seed(7) == 0)[:, 4:], (with_seed(8) == 0)[:, 4:])
+    block = ref.SplitResplice(12, 3).to(DEVICE).train()
+    with pytest.raises(ValueError, match="seed"):
+        split_resplice_train(block, x.detach().float(), seed=torch.tensor([1.0]))
+
+
 def test_mismatched_parameter_dtype_is_refused():
     block = fast.FastSAWF(32, backend="triton").to(DEVICE).eval()
     with pytest.raises(BackendUnavailableError, match="parameter"):
@@ -440,6 +561,8 @@ def test_opcheck_registered_ops():
     grad = torch.randn_like(plain[0])
     torch.library.opcheck(torch.ops.saffnet_triton.coord_apply_backward,
                           (grad, *plain[:3]), test_utils=tests)
+    torch.library.opcheck(torch.ops.saffnet_triton.weighted_mean_backward,
+                          (torch.randn(n, c, device=DEVICE), *plain[:3]), test_utils=tests)
     torch.library.opcheck(torch.ops.saffnet_triton.aff_fuse_backward, (grad, *plain),
                           test_utils=tests)
     mean = torch.randn(ci, device=DEVICE)
@@ -461,6 +584,52 @@ def test_torch_compile_fullgraph_matches():
     compiled = torch.compile(lambda t: triton_scaff_module.triton_scaff(block, t), fullgraph=True)
     with torch.no_grad():
         assert _rel(compiled(x), reference(x)) < 1e-5
+
+
+@pytest.mark.skipif(not ON_GPU, reason="torch.compile of Triton kernels needs a GPU "
+                                       "(inductor does not run the interpreter)")
+def test_torch_compile_fullgraph_split_resplice_training():
+    """The training ops traced by torch.compile (fullgraph): forward, dL/dx, dL/dW and the
+    running statistics match eager, same seed, dropout on."""
+    from saffnet_fast.ops.triton.split_resplice_train import split_resplice_train
+
+    torch.manual_seed(17)
+    block = _randomize(fast.FastSplitResplice(64, 8, dropout=0.1, backend="triton"))
+    block.to(DEVICE).train()
+    twin = copy.deepcopy(block)
+    seed = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    compiled = torch.compile(lambda t: split_resplice_train(block, t, seed), fullgraph=True)
+    x = torch.randn(4, 64, 16, 12, device=DEVICE)
+    grad = torch.randn_like(x)
+    results = []
+    for run, module in ((compiled, block), (lambda t: split_resplice_train(twin, t, seed), twin)):
+        x_in = x.clone().requires_grad_(True)
+        out = run(x_in)
+        out.backward(grad)
+        results.append([out, x_in.grad, *(s.conv.weight.grad for s in module.steps),
+                        *(s.bn.running_var for s in module.steps)])
+    for got, expected in zip(*results):
+        assert _rel(got, expected) < 1e-5
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the interpreter's torch.compile guard")
+def test_torch_compile_under_the_interpreter():
+    """Dynamo alone (backend 'eager') runs the registered op and matches; a backend that
+    traces into the op (aot_eager) is refused clearly: the interpreter's kernels cannot be
+    traced, and a graph without them would return uninitialised memory."""
+    from saffnet_fast.ops.triton.split_resplice_train import split_resplice_train
+
+    torch.manual_seed(18)
+    block = _randomize(ref.SplitResplice(16, 4, dropout=0.0)).train()
+    seed = torch.tensor([3], dtype=torch.int32)
+    x = torch.randn(2, 16, 3, 4)
+    expected = split_resplice_train(copy.deepcopy(block), x, seed)
+    compiled = torch.compile(lambda t: split_resplice_train(block, t, seed), fullgraph=True,
+                             backend="eager")
+    assert _rel(compiled(x), expected) < 1e-6
+    traced = torch.compile(lambda t: split_resplice_train(block, t, seed), backend="aot_eager")
+    with pytest.raises(Exception, match="interpreter"):
+        traced(x)
 
 
 def test_gradcheck_float64_aff_fuse():

@@ -8,9 +8,9 @@ weighting, and the batch statistics of its BNs in training).
 
 | op | training | eval | backward |
 |---|---|---|---|
-| coordinate_attention | yes | yes | fused (coord_apply_backward) + broadcast |
-| scaff, sawf | yes (BN batch stats, running stats) | yes | fused (aff_fuse_backward, local_stats_backward) |
-| split_resplice | yes (batch stats, counter-RNG dropout) | yes (1 launch/step) | fused kernels per step |
+| coordinate_attention | yes | yes | fused (coord_apply_backward) + pooling broadcast (see coord_pool) |
+| scaff, sawf | yes (BN batch stats, running stats) | yes | fused (aff_fuse_backward, local_stats_backward, weighted_mean_backward) |
+| split_resplice | yes (batch stats, counter-RNG dropout) | yes (1 launch/step) | fused kernels per step (split_resplice_train_backward op), also for BN-folded blocks |
 
 Dtypes: float32, float16, bfloat16 (float32 arithmetic), float64. Each op module defines ``triton_<op>(module, x)``
 and ``unsupported_reason(module, x)``: the fast modules ask the latter first, so ``auto``

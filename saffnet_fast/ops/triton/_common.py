@@ -55,7 +55,15 @@ def launch_is_traced_away(*tensors: torch.Tensor) -> bool:
         return False
     from torch._subclasses.fake_tensor import is_fake
 
-    return any(t.device.type == "meta" or is_fake(t) for t in tensors)
+    if not any(t.device.type == "meta" or is_fake(t) for t in tensors):
+        return False
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    if get_proxy_mode() is not None:
+        # a graph traced here would hold no kernels and return uninitialised memory
+        raise RuntimeError("torch.compile cannot trace Triton kernels run by the interpreter "
+                           "(TRITON_INTERPRET=1): compile on a CUDA device, or run eagerly")
+    return True
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,6 +94,22 @@ def common_unsupported_reason(module: nn.Module, x: torch.Tensor) -> Optional[st
     if x.numel() >= 2 ** 31:
         return "inputs of 2**31 elements or more are not supported (32-bit indexing)"
     return None
+
+
+@torch.no_grad()
+def update_bn_running_stats(bn: nn.BatchNorm2d, mean, var, count: int) -> None:
+    """As nn.BatchNorm2d in training: num_batches_tracked += 1, then running = (1 − f)·running
+    + f·batch with f = momentum (or 1/num_batches_tracked when momentum is None), the
+    running variance unbiased."""
+    if not bn.training or bn.running_mean is None:
+        return
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    dtype = bn.running_mean.dtype
+    bn.running_mean.mul_(1 - factor).add_(mean.detach().to(dtype) * factor)
+    bn.running_var.mul_(1 - factor).add_((var.detach() * (count / (count - 1))).to(dtype)
+                                         * factor)
 
 
 def conv_bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -157,36 +181,70 @@ def pixel_tile(pid_p, HW, W, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def step_tile(HW, W, COUT, BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
+    """Where a program of a (pixel tiles, N) grid over one SR step works: image n (int64), the
+    flat index of its tile among all N·TILES, its pixels (flat index, mask, row, column) and
+    the step's output channels (offsets, mask)."""
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1)
+    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
+    offs_o = tl.arange(0, BLOCK_O)
+    return (n.to(tl.int64), n * tl.num_programs(0) + pid_p, offs_p, mask_p, hh, ww, offs_o,
+            offs_o < COUT)
+
+
+@triton.jit
+def conv_channel_ranges(COUT, CX, CC_IN, BLOCK_O: tl.constexpr, BLOCK_X: tl.constexpr,
+                        BLOCK_CC: tl.constexpr):
+    """Offsets and masks of a step's output channels, its input channels from x's slice, and
+    its input channels from the carry."""
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_x = tl.arange(0, BLOCK_X)
+    offs_cc = tl.arange(0, BLOCK_CC)
+    return offs_o, offs_o < COUT, offs_x, offs_x < CX, offs_cc, offs_cc < CC_IN
+
+
+@triton.jit
+def load_conv_inputs(x_ptr, carry_ptr, n64, h2, w2, valid, offs_x, mask_x, offs_cc, mask_cc,
+                     HW, W, X_C0, CC_IN, sx_n, sx_c, sx_h, sx_w, HAS_CARRY: tl.constexpr):
+    """A step's input at pixels (h2, w2) (zero where not ``valid``): x's slice, read through
+    its strides and cast to the accumulation dtype, and the contiguous carry (already in
+    it). Without a carry the second tile is x's again, unused."""
+    a = tl.load(x_ptr + n64 * sx_n + (X_C0 + offs_x[None, :]) * sx_c + h2[:, None] * sx_h
+                + w2[:, None] * sx_w, mask=valid[:, None] & mask_x[None, :],
+                other=0.0).to(carry_ptr.dtype.element_ty)
+    c = a
+    if HAS_CARRY:
+        c = tl.load(carry_ptr + (n64 * CC_IN + offs_cc[None, :]) * HW + h2[:, None] * W
+                    + w2[:, None], mask=valid[:, None] & mask_cc[None, :], other=0.0)
+    return a, c
+
+
+@triton.jit
 def conv3x3_tile(x_ptr, carry_ptr, w_ptr, n64, hh, ww, mask_p,
                  H, W, HW, X_C0, CX, CC_IN, CIN, COUT, sx_n, sx_c, sx_h, sx_w,
                  HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
                  BLOCK_CC: tl.constexpr, BLOCK_O: tl.constexpr, PRECISION: tl.constexpr):
     """BLOCK_P×BLOCK_O tile of conv3×3(cat(x[n, X_C0:X_C0+CX], carry[n])) (padding 1, no bias)
     as an implicit GEMM: 9 shifted taps, each a tl.dot over the input channels. x is read
-    through its strides; the carry is contiguous N×CC_IN×H×W in the accumulation dtype (the
-    weights' dtype, Cout×Cin×3×3 contiguous)."""
+    through its strides; the carry is contiguous N×CC_IN×H×W in the accumulation dtype, as
+    are the weights (Cout×Cin×3×3 contiguous)."""
     acc_t = w_ptr.dtype.element_ty
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
-    offs_x = tl.arange(0, BLOCK_X)
-    mask_x = offs_x < CX
-    offs_cc = tl.arange(0, BLOCK_CC)
-    mask_cc = offs_cc < CC_IN
+    offs_o, mask_o, offs_x, mask_x, offs_cc, mask_cc = conv_channel_ranges(
+        COUT, CX, CC_IN, BLOCK_O, BLOCK_X, BLOCK_CC)
     acc = tl.zeros([BLOCK_P, BLOCK_O], dtype=acc_t)
     for ky in tl.static_range(3):
         for kx in tl.static_range(3):
             h2 = hh + (ky - 1)
             w2 = ww + (kx - 1)
             valid = mask_p & (h2 >= 0) & (h2 < H) & (w2 >= 0) & (w2 < W)
-            a = tl.load(x_ptr + n64 * sx_n + (X_C0 + offs_x[None, :]) * sx_c + h2[:, None] * sx_h
-                        + w2[:, None] * sx_w, mask=valid[:, None] & mask_x[None, :],
-                        other=0.0).to(acc_t)
+            a, c = load_conv_inputs(x_ptr, carry_ptr, n64, h2, w2, valid, offs_x, mask_x,
+                                    offs_cc, mask_cc, HW, W, X_C0, CC_IN, sx_n, sx_c, sx_h,
+                                    sx_w, HAS_CARRY)
             wt = tl.load(w_ptr + offs_o[None, :] * (CIN * 9) + offs_x[:, None] * 9 + (ky * 3 + kx),
                          mask=mask_x[:, None] & mask_o[None, :], other=0.0)
             acc += tl.dot(a, wt, input_precision=PRECISION)
             if HAS_CARRY:
-                c = tl.load(carry_ptr + (n64 * CC_IN + offs_cc[None, :]) * HW + h2[:, None] * W
-                            + w2[:, None], mask=valid[:, None] & mask_cc[None, :], other=0.0)
                 wc = tl.load(w_ptr + offs_o[None, :] * (CIN * 9) + (CX + offs_cc[:, None]) * 9
                              + (ky * 3 + kx), mask=mask_cc[:, None] & mask_o[None, :], other=0.0)
                 acc += tl.dot(c, wc, input_precision=PRECISION)
@@ -224,15 +282,58 @@ def tile_moments(y, valid, tile, mean_ptr, m2_ptr, offs_y, mask_y, CY):
     tl.store(m2_ptr + tile * CY + offs_y, tl.sum(dev * dev, axis=0), mask=mask_y)
 
 
+@triton.jit
+def _tile_rows(tile_mean_ptr, r0, ROWS, TILES, HW, C, offs_c, mask_c,
+               TILE_PIXELS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows r0 … r0+BLOCK_R−1 of the per-tile means: row indices, 2-D mask, each row's pixel
+    count (row r is tile r % TILES of its image: TILE_PIXELS pixels but for the last one)
+    and the means."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    mask = (offs_r < ROWS)[:, None] & mask_c[None, :]
+    count = tl.minimum(HW - (offs_r % TILES) * TILE_PIXELS, TILE_PIXELS)
+    m = tl.load(tile_mean_ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+    return offs_r, mask, count.to(m.dtype), m
+
+
+@triton.jit
+def _merge_moments_kernel(tile_mean_ptr, tile_m2_ptr, mean_ptr, var_ptr,
+                          ROWS, TILES, HW, C, INV_TOTAL,
+                          TILE_PIXELS: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc_t = mean_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_C], dtype=acc_t)
+    for r0 in range(0, ROWS, BLOCK_R):
+        offs_r, mask, count, m = _tile_rows(tile_mean_ptr, r0, ROWS, TILES, HW, C, offs_c,
+                                            mask_c, TILE_PIXELS, BLOCK_R)
+        total += tl.sum(count[:, None] * m, axis=0)
+    mean = total * INV_TOTAL
+    m2 = tl.zeros([BLOCK_C], dtype=acc_t)
+    for r0 in range(0, ROWS, BLOCK_R):
+        offs_r, mask, count, m = _tile_rows(tile_mean_ptr, r0, ROWS, TILES, HW, C, offs_c,
+                                            mask_c, TILE_PIXELS, BLOCK_R)
+        d = tl.where(mask, m - mean[None, :], 0.0)
+        m2 += tl.sum(tl.load(tile_m2_ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask,
+                             other=0.0) + count[:, None] * d * d, axis=0)
+    tl.store(mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(var_ptr + offs_c, m2 * INV_TOTAL, mask=mask_c)
+
+
 def merge_tile_moments(tile_mean: torch.Tensor, tile_m2: torch.Tensor, n: int, hw: int,
                        block_p: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) over N×H×W from tile_moments' per-tile rows (each image's
-    tiles hold block_p pixels but for its last one). A few vector operations over
-    N·TILES×C values: left to PyTorch, a kernel would save one launch at most."""
-    tiles = triton.cdiv(hw, block_p)
-    starts = torch.arange(tiles, device=tile_mean.device) * block_p
-    counts = (hw - starts).clamp(max=block_p).to(tile_mean.dtype).repeat(n)[:, None]
-    total = n * hw
-    mean = (tile_mean * counts).sum(0) / total
-    m2 = tile_m2.sum(0) + (counts * (tile_mean - mean) ** 2).sum(0)
-    return mean, m2 / total
+    """(mean, biased variance) over N×H×W from tile_moments' N·TILES×C rows (each image's
+    tiles hold block_p pixels but for its last one), in one launch: these ops are
+    launch-bound, and the merge as PyTorch vector ops was about ten launches per BN."""
+    from torch.library import wrap_triton
+
+    rows, c = tile_mean.shape
+    mean = tile_mean.new_empty((c,))
+    var = tile_mean.new_empty((c,))
+    if not launch_is_traced_away(tile_mean):
+        block_c = min(channel_block(c), 64)
+        wrap_triton(_merge_moments_kernel)[(triton.cdiv(c, block_c),)](
+            tile_mean, tile_m2, mean, var, rows, triton.cdiv(hw, block_p), hw, c,
+            1.0 / (n * hw), TILE_PIXELS=block_p, BLOCK_R=16 if INTERPRET else 64,
+            BLOCK_C=block_c, num_warps=4)
+    return mean, var

@@ -26,7 +26,41 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._common import (INTERPRET, configs, launch_is_traced_away, merge_tile_moments, next_pow2,
-                      tile_moments)
+                      pixel_tile, tile_moments)
+
+
+@triton.jit
+def _bottleneck_ranges(C, CI, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Offsets and masks of the C channels and the CI bottleneck channels."""
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_i = tl.arange(0, BLOCK_I)
+    return offs_c, offs_c < C, offs_i, offs_i < CI
+
+
+@triton.jit
+def _load_pixels(ptr, n64, offs_c, hh, ww, mask, s_n, s_c, s_h, s_w):
+    """Pixels × channels tile of image n of an N×C×H×W tensor read through its strides."""
+    return tl.load(ptr + n64 * s_n + offs_c[None, :] * s_c + hh[:, None] * s_h
+                   + ww[:, None] * s_w, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W):
+    """Coordinate attention's a_h (N×C×H) and a_w (N×C×W), contiguous, at the tile's pixels
+    (``plane``: the flat n·C + c index of each column)."""
+    ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
+    aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+    return ah, aw
+
+
+@triton.jit
+def _load_both_ways(ptr, offs_r, mask_r, offs_k, mask_k, K):
+    """A contiguous R×K matrix and its transpose (K×R), for the dots of both directions."""
+    m = tl.load(ptr + offs_r[:, None] * K + offs_k[None, :],
+                mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+    mt = tl.load(ptr + offs_r[None, :] * K + offs_k[:, None],
+                 mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+    return m, mt
 
 
 @triton.autotune(
@@ -42,23 +76,15 @@ def _aff_fuse_kernel(x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_p
                      PRECISION: tl.constexpr):
     pid_p = tl.program_id(0)
     n = tl.program_id(1)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    hh = offs_p // W
-    ww = offs_p % W
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_i = tl.arange(0, BLOCK_I)
-    mask_i = offs_i < CI
+    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
+    offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
     mask = mask_p[:, None] & mask_c[None, :]
     acc_t = xg_ptr.dtype.element_ty
     n64 = n.to(tl.int64)
 
-    x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
-                + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+    x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
     plane = n * C + offs_c[None, :]
-    ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
-    aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+    ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
     att = x * (ah * aw)
     xa = x + att
     # W1 is CI×C: load its transpose C×CI; W2 is C×CI: load its transpose CI×C
@@ -91,16 +117,9 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
     n = tl.program_id(1)
     n64 = n.to(tl.int64)
     acc_t = xg_ptr.dtype.element_ty
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_i = tl.arange(0, BLOCK_I)
-    mask_i = offs_i < CI
-    mask_ci = mask_c[:, None] & mask_i[None, :]
-    mask_ic = mask_i[:, None] & mask_c[None, :]
-    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None], mask=mask_ci, other=0.0)
-    w1 = tl.load(w1_ptr + offs_i[:, None] * C + offs_c[None, :], mask=mask_ic, other=0.0)
-    w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None], mask=mask_ic, other=0.0)
-    w2 = tl.load(w2_ptr + offs_c[:, None] * CI + offs_i[None, :], mask=mask_ci, other=0.0)
+    offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
+    w1, w1t = _load_both_ways(w1_ptr, offs_i, mask_i, offs_c, mask_c, C)
+    w2, w2t = _load_both_ways(w2_ptr, offs_c, mask_c, offs_i, mask_i, CI)
     b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
     shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
         + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
@@ -110,18 +129,12 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
     acc_dw1 = tl.zeros([BLOCK_I, BLOCK_C], dtype=acc_t)
     acc_dw2 = tl.zeros([BLOCK_C, BLOCK_I], dtype=acc_t)
     for tile in range(pid_p, NUM_TILES, TILE_STEP):
-        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        hh = offs_p // W
-        ww = offs_p % W
+        offs_p, mask_p, hh, ww = pixel_tile(tile, HW, W, BLOCK_P)
         mask = mask_p[:, None] & mask_c[None, :]
-        x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
-                    + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
-        g = tl.load(g_ptr + n64 * sg_n + offs_c[None, :] * sg_c + hh[:, None] * sg_h
-                    + ww[:, None] * sg_w, mask=mask, other=0.0).to(acc_t)
+        x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
+        g = _load_pixels(g_ptr, n64, offs_c, hh, ww, mask, sg_n, sg_c, sg_h, sg_w).to(acc_t)
         plane = n * C + offs_c[None, :]
-        ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
-        aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+        ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
         m = ah * aw
         att = x * m
         xa = x + att
@@ -147,8 +160,10 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
         tl.atomic_add(daw_ptr + plane * W + ww[:, None], q * ah, mask=mask)
     tl.atomic_add(dxg_ptr + n * C + offs_c, acc_dxg, mask=mask_c)
     tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
-    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1, mask=mask_ic)
-    tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2, mask=mask_ci)
+    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1,
+                  mask=mask_i[:, None] & mask_c[None, :])
+    tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2,
+                  mask=mask_c[:, None] & mask_i[None, :])
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -257,20 +272,12 @@ def _local_stats_kernel(x_ptr, ah_ptr, aw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m
     n = tl.program_id(1)
     n64 = n.to(tl.int64)
     acc_t = w1_ptr.dtype.element_ty
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mask_p = offs_p < HW
-    hh = offs_p // W
-    ww = offs_p % W
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_i = tl.arange(0, BLOCK_I)
-    mask_i = offs_i < CI
+    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
+    offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
     mask = mask_p[:, None] & mask_c[None, :]
-    x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
-                + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+    x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
     plane = n * C + offs_c[None, :]
-    ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
-    aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+    ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
     xa = x * (1.0 + ah * aw)
     w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
                   mask=mask_c[:, None] & mask_i[None, :], other=0.0)
@@ -301,14 +308,8 @@ def _local_stats_backward_kernel(gmean_ptr, gvar_ptr, mean_ptr, x_ptr, ah_ptr, a
     n = tl.program_id(1)
     n64 = n.to(tl.int64)
     acc_t = w1_ptr.dtype.element_ty
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    offs_i = tl.arange(0, BLOCK_I)
-    mask_i = offs_i < CI
-    mask_ci = mask_c[:, None] & mask_i[None, :]
-    mask_ic = mask_i[:, None] & mask_c[None, :]
-    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None], mask=mask_ci, other=0.0)
-    w1 = tl.load(w1_ptr + offs_i[:, None] * C + offs_c[None, :], mask=mask_ic, other=0.0)
+    offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
+    w1, w1t = _load_both_ways(w1_ptr, offs_i, mask_i, offs_c, mask_c, C)
     b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
     if STAGE == 1:
         g_mean = tl.load(gmean_ptr + offs_i, mask=mask_i, other=0.0)
@@ -318,24 +319,18 @@ def _local_stats_backward_kernel(gmean_ptr, gvar_ptr, mean_ptr, x_ptr, ah_ptr, a
         g_mean = tl.load(gmean_ptr + offs_c, mask=mask_c, other=0.0)
         g_var = tl.load(gvar_ptr + offs_c, mask=mask_c, other=0.0)
         mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
-        w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None], mask=mask_ic, other=0.0)
-        w2 = tl.load(w2_ptr + offs_c[:, None] * CI + offs_i[None, :], mask=mask_ci, other=0.0)
+        w2, w2t = _load_both_ways(w2_ptr, offs_c, mask_c, offs_i, mask_i, CI)
         b2 = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0)
     acc_dw1 = tl.zeros([BLOCK_I, BLOCK_C], dtype=acc_t)
     acc_db1 = tl.zeros([BLOCK_I], dtype=acc_t)
     acc_dw2 = tl.zeros([BLOCK_C, BLOCK_I], dtype=acc_t)
     acc_db2 = tl.zeros([BLOCK_C], dtype=acc_t)
     for tile in range(pid_p, NUM_TILES, TILE_STEP):
-        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        hh = offs_p // W
-        ww = offs_p % W
+        offs_p, mask_p, hh, ww = pixel_tile(tile, HW, W, BLOCK_P)
         mask = mask_p[:, None] & mask_c[None, :]
-        x = tl.load(x_ptr + n64 * sx_n + offs_c[None, :] * sx_c + hh[:, None] * sx_h
-                    + ww[:, None] * sx_w, mask=mask, other=0.0).to(acc_t)
+        x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
         plane = n * C + offs_c[None, :]
-        ah = tl.load(ah_ptr + plane * H + hh[:, None], mask=mask, other=0.0)
-        aw = tl.load(aw_ptr + plane * W + ww[:, None], mask=mask, other=0.0)
+        ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
         m1 = 1.0 + ah * aw
         xa = x * m1
         u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
@@ -360,10 +355,12 @@ def _local_stats_backward_kernel(gmean_ptr, gvar_ptr, mean_ptr, x_ptr, ah_ptr, a
         q = dxa * x
         tl.atomic_add(dah_ptr + plane * H + hh[:, None], q * aw, mask=mask)
         tl.atomic_add(daw_ptr + plane * W + ww[:, None], q * ah, mask=mask)
-    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1, mask=mask_ic)
+    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1,
+                  mask=mask_i[:, None] & mask_c[None, :])
     tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
     if STAGE == 2:
-        tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2, mask=mask_ci)
+        tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2,
+                  mask=mask_c[:, None] & mask_i[None, :])
         tl.atomic_add(db2_ptr + offs_c, acc_db2, mask=mask_c)
 
 

@@ -9,7 +9,9 @@ channels_last, sliced):
   * ``plane_mean(x)``: mean over the plane, the pooling of SE+ in SAWF.
 Arithmetic in float32 (float64 for float64 input); outputs in x's dtype (coord_pool, as the
 reference's means) or float32/float64 (the weighted/plain means feeding the fused kernels).
-The backward of each is one broadcast expression, left to PyTorch.
+The backward of coord_pool and plane_mean is one broadcast expression, left to PyTorch (see
+_coord_pool_backward for why); weighted_mean's is one fused pass over x
+(coordinate_attention.weighted_mean_backward).
 """
 from __future__ import annotations
 
@@ -110,6 +112,12 @@ def _coord_pool_setup(ctx, inputs, output):
 
 
 def _coord_pool_backward(ctx, grad_rows, grad_cols):
+    # dL/dx = dL/drows / W broadcast along w + dL/dcols / H broadcast along h. Left to
+    # PyTorch on purpose: the divisions touch N×C×(H+W) values, ``expand`` copies nothing,
+    # and the one add writes the N×C×H×W result once, which is all a Triton kernel would do
+    # too (torch.compile fuses it into one pointwise kernel anyway). What a kernel could
+    # still save is autograd's separate accumulation of this term into coord_apply's dL/dx,
+    # which needs the pooling and the apply pass of CA in one autograd op (not done).
     n, c, h, w = ctx.shape
     grad = None
     if grad_rows is not None:
@@ -139,19 +147,11 @@ def _weighted_mean_setup(ctx, inputs, output):
 
 
 def _weighted_mean_backward(ctx, grad):
-    x, a_h, a_w = ctx.saved_tensors
-    h, w = x.shape[2], x.shape[3]
-    s = grad / (h * w)  # N×C
-    xf = x.to(s.dtype)
-    grad_x = grad_ah = grad_aw = None
-    if ctx.needs_input_grad[0]:
-        grad_x = (s[:, :, None, None] * (1 + a_h[:, :, :, None] * a_w[:, :, None, :]))
-        grad_x = grad_x.to(x.dtype)
-    if ctx.needs_input_grad[1]:
-        grad_ah = s[:, :, None] * torch.einsum("nchw,ncw->nch", xf, a_w)
-    if ctx.needs_input_grad[2]:
-        grad_aw = s[:, :, None] * torch.einsum("nchw,nch->ncw", xf, a_h)
-    return grad_x, grad_ah, grad_aw
+    # one fused pass (coordinate_attention.weighted_mean_backward); imported here because
+    # coordinate_attention imports this module
+    from .coordinate_attention import weighted_mean_backward
+
+    return weighted_mean_backward(grad.contiguous(), *ctx.saved_tensors)
 
 
 torch.library.register_autograd("saffnet_triton::weighted_mean", _weighted_mean_backward,

@@ -24,22 +24,34 @@ from ._common import (acc_dtype, common_unsupported_reason, configs, is_1x1_conv
 from .coord_pool import _blocks, coord_pool
 
 
+@triton.jit
+def _plane_and_column_weights(aw_ptr, C, W, BLOCK_W: tl.constexpr):
+    """The (n, c) plane of this program (flat index, n and c as int64), its columns (offsets,
+    mask) and a_w's values there."""
+    plane = tl.program_id(0)
+    offs_w = tl.arange(0, BLOCK_W)
+    mask_w = offs_w < W
+    aw = tl.load(aw_ptr + plane * W + offs_w, mask=mask_w, other=0.0)
+    return plane, (plane // C).to(tl.int64), (plane % C).to(tl.int64), offs_w, mask_w, aw
+
+
+@triton.jit
+def _row_block(ah_ptr, plane, h0, H, mask_w, BLOCK_H: tl.constexpr):
+    """Rows h0 … h0+BLOCK_H−1 of the plane: offsets, mask, the block's 2-D mask, a_h there."""
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    mask_h = offs_h < H
+    ah = tl.load(ah_ptr + plane * H + offs_h, mask=mask_h, other=0.0)
+    return offs_h, mask_h, mask_h[:, None] & mask_w[None, :], ah
+
+
 @triton.autotune(configs=configs([({}, 1), ({}, 2), ({}, 4), ({}, 8)], {}), key=["C", "HW"])
 @triton.jit
 def _coord_apply_kernel(x_ptr, ah_ptr, aw_ptr, out_ptr, C, H, W, HW,
                         sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
                         BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    plane = tl.program_id(0)
-    n = (plane // C).to(tl.int64)
-    c = (plane % C).to(tl.int64)
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_w = offs_w < W
-    aw = tl.load(aw_ptr + plane * W + offs_w, mask=mask_w, other=0.0)
+    plane, n, c, offs_w, mask_w, aw = _plane_and_column_weights(aw_ptr, C, W, BLOCK_W)
     for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        mask = mask_h[:, None] & mask_w[None, :]
-        ah = tl.load(ah_ptr + plane * H + offs_h, mask=mask_h, other=0.0)
+        offs_h, mask_h, mask, ah = _row_block(ah_ptr, plane, h0, H, mask_w, BLOCK_H)
         v = tl.load(x_ptr + n * sx_n + c * sx_c + offs_h[:, None] * sx_h + offs_w[None, :] * sx_w,
                     mask=mask, other=0.0).to(aw.dtype)
         out = v * aw[None, :] * ah[:, None]
@@ -52,26 +64,23 @@ def _coord_apply_kernel(x_ptr, ah_ptr, aw_ptr, out_ptr, C, H, W, HW,
 def _coord_apply_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, dx_ptr, dah_ptr, daw_ptr,
                                  C, H, W, HW,
                                  sg_n, sg_c, sg_h, sg_w, sx_n, sx_c, sx_h, sx_w,
-                                 sd_n, sd_c, sd_h, sd_w,
+                                 sd_n, sd_c, sd_h, sd_w, PLUS_ONE: tl.constexpr,
                                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    plane = tl.program_id(0)
-    n = (plane // C).to(tl.int64)
-    c = (plane % C).to(tl.int64)
-    offs_w = tl.arange(0, BLOCK_W)
-    mask_w = offs_w < W
-    aw = tl.load(aw_ptr + plane * W + offs_w, mask=mask_w, other=0.0)
+    """Gradients of x·a_h·a_w (PLUS_ONE false) or of x·(1 + a_h·a_w) (PLUS_ONE true, the
+    weighted mean's backward with g the broadcast dL/dmean / HW) from dL/dout = g."""
+    plane, n, c, offs_w, mask_w, aw = _plane_and_column_weights(aw_ptr, C, W, BLOCK_W)
     daw_acc = tl.zeros([BLOCK_W], dtype=aw.dtype)
     for h0 in range(0, H, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < H
-        mask = mask_h[:, None] & mask_w[None, :]
-        ah = tl.load(ah_ptr + plane * H + offs_h, mask=mask_h, other=0.0)
+        offs_h, mask_h, mask, ah = _row_block(ah_ptr, plane, h0, H, mask_w, BLOCK_H)
         g = tl.load(g_ptr + n * sg_n + c * sg_c + offs_h[:, None] * sg_h + offs_w[None, :] * sg_w,
                     mask=mask, other=0.0).to(aw.dtype)
         v = tl.load(x_ptr + n * sx_n + c * sx_c + offs_h[:, None] * sx_h + offs_w[None, :] * sx_w,
                     mask=mask, other=0.0).to(aw.dtype)
+        m = aw[None, :] * ah[:, None]
+        if PLUS_ONE:
+            m += 1.0
         tl.store(dx_ptr + n * sd_n + c * sd_c + offs_h[:, None] * sd_h + offs_w[None, :] * sd_w,
-                 (g * aw[None, :] * ah[:, None]).to(dx_ptr.dtype.element_ty), mask=mask)
+                 (g * m).to(dx_ptr.dtype.element_ty), mask=mask)
         gx = g * v
         tl.store(dah_ptr + plane * H + offs_h, tl.sum(gx * aw[None, :], axis=1), mask=mask_h)
         daw_acc += tl.sum(gx * ah[:, None], axis=0)
@@ -90,7 +99,8 @@ def launch_coord_apply(x, a_h, a_w, out=None):
     return out
 
 
-def launch_coord_apply_backward(grad, x, a_h, a_w, grad_x=None, grad_ah=None, grad_aw=None):
+def launch_coord_apply_backward(grad, x, a_h, a_w, grad_x=None, grad_ah=None, grad_aw=None,
+                                plus_one: bool = False):
     n, c, h, w = x.shape
     grad_x = torch.empty_like(x) if grad_x is None else grad_x
     grad_ah = torch.empty_like(a_h) if grad_ah is None else grad_ah
@@ -100,7 +110,8 @@ def launch_coord_apply_backward(grad, x, a_h, a_w, grad_x=None, grad_ah=None, gr
     block_h, block_w = _blocks(h, w)
     wrap_triton(_coord_apply_backward_kernel)[(n * c,)](
         grad, x, a_h, a_w, grad_x, grad_ah, grad_aw, c, h, w, h * w,
-        *grad.stride(), *x.stride(), *grad_x.stride(), BLOCK_H=block_h, BLOCK_W=block_w)
+        *grad.stride(), *x.stride(), *grad_x.stride(), PLUS_ONE=plus_one, BLOCK_H=block_h,
+        BLOCK_W=block_w)
     return grad_x, grad_ah, grad_aw
 
 
@@ -115,6 +126,17 @@ def coord_apply(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> torch.
 def coord_apply_backward(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor,
                          a_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return launch_coord_apply_backward(grad, x, a_h, a_w)
+
+
+@triton_op("saffnet_triton::weighted_mean_backward", mutates_args={})
+def weighted_mean_backward(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tensor,
+                           a_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dL/dx, dL/da_h, dL/da_w) of coord_pool.weighted_mean from dL/dmean (N×C) in one pass
+    over x: the coord_apply backward with dL/dout = dL/dmean / HW (a stride-0 broadcast,
+    never materialised) and the extra identity term of x·(1 + a_h·a_w)."""
+    n, c, h, w = x.shape
+    per_pixel = (grad / (h * w))[:, :, None, None].expand(n, c, h, w)
+    return launch_coord_apply_backward(per_pixel, x, a_h, a_w, plus_one=True)
 
 
 def _coord_apply_setup(ctx, inputs, output):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ._common import (acc_dtype, aff_structure_reason, common_unsupported_reason,
-                      conv_bn_affine)
+                      conv_bn_affine, update_bn_running_stats)
 from .aff_fuse import aff_fuse, local_stats
 from .coord_pool import coord_pool, weighted_mean
 from .coordinate_attention import ca_structure_reason, ca_vectors
@@ -43,22 +43,6 @@ def _fold_batch_stats(weight, bias, bn, mean, var):
     return weight * scale[:, None], bias * scale + shift
 
 
-@torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean, var, count: int) -> None:
-    """As nn.BatchNorm2d in training: num_batches_tracked += 1, then running = (1 − f)·running
-    + f·batch with f = momentum (or 1/num_batches_tracked when momentum is None), the
-    running variance unbiased."""
-    if not bn.training or bn.running_mean is None:
-        return
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    dtype = bn.running_mean.dtype
-    bn.running_mean.mul_(1 - factor).add_(mean.detach().to(dtype) * factor)
-    bn.running_var.mul_(1 - factor).add_((var.detach() * (count / (count - 1))).to(dtype)
-                                         * factor)
-
-
 def aff_local_weights(aff: nn.Module, x, a_h, a_w, acc: torch.dtype):
     """(w1, b1, w2, b2) of the local branch with both BNs folded in: running statistics in
     eval, batch statistics over N×H×W (computed by local_stats) in training."""
@@ -76,24 +60,20 @@ def aff_local_weights(aff: nn.Module, x, a_h, a_w, acc: torch.dtype):
                 else weight.new_zeros(conv.out_channels))
         return weight, bias
 
-    if _uses_batch_stats(bn1):
-        w1, b1 = raw(conv1)
-        w1c, b1c = w1.contiguous(), b1.contiguous()
-        mean1, var1 = local_stats(x, a_h, a_w, w1c, b1c, w1c, b1c, 1)
-        _update_running_stats(bn1, mean1, var1, count)
-        w1, b1 = _fold_batch_stats(w1, b1, bn1, mean1, var1)
-    else:
-        w1, b1 = (t.to(acc) for t in conv_bn_affine(conv1, bn1))
-    w1, b1 = w1.contiguous(), b1.contiguous()
-    if _uses_batch_stats(bn2):
-        w2, b2 = raw(conv2)
-        w2c, b2c = w2.contiguous(), b2.contiguous()
-        mean2, var2 = local_stats(x, a_h, a_w, w1, b1, w2c, b2c, 2)
-        _update_running_stats(bn2, mean2, var2, count)
-        w2, b2 = _fold_batch_stats(w2, b2, bn2, mean2, var2)
-    else:
-        w2, b2 = (t.to(acc) for t in conv_bn_affine(conv2, bn2))
-    return w1, b1, w2.contiguous(), b2.contiguous()
+    def folded(conv, bn, stage, first=None):
+        """(W, b) of conv + bn; ``first``: the folded (w1, b1) that stage 2's input needs."""
+        if not _uses_batch_stats(bn):
+            return tuple(t.to(acc).contiguous() for t in conv_bn_affine(conv, bn))
+        weight, bias = raw(conv)
+        wc, bc = weight.contiguous(), bias.contiguous()
+        mean, var = local_stats(x, a_h, a_w, *(first or (wc, bc)), wc, bc, stage)
+        update_bn_running_stats(bn, mean, var, count)
+        weight, bias = _fold_batch_stats(weight, bias, bn, mean, var)
+        return weight.contiguous(), bias.contiguous()
+
+    w1, b1 = folded(conv1, bn1, 1)
+    w2, b2 = folded(conv2, bn2, 2, (w1, b1))
+    return w1, b1, w2, b2
 
 
 def aff_global(aff: nn.Module, pooled: torch.Tensor, acc: torch.dtype, dtype: torch.dtype):

@@ -9,7 +9,7 @@ cat copies); the other channels go to a small carry buffer for the next step. Dr
 the identity in eval.
 
 Not written: the single-launch inference version with a halo shrinking per step
-(spec/kernels.md); BN-folded (Identity) steps have no autograd path.
+(spec/kernels.md).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from torch import nn
 from torch.library import triton_op, wrap_triton
 
 from ._common import (acc_dtype, channel_block, common_unsupported_reason, conv3x3_tile,
-                      launch_is_traced_away, pixel_tile, split_resplice_layout,
+                      launch_is_traced_away, split_resplice_layout, step_tile,
                       store_output_and_carry)
 
 
@@ -32,10 +32,7 @@ def _sr_step_kernel(x_ptr, carry_in_ptr, w_ptr, b_ptr, out_ptr, carry_out_ptr,
                     sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
                     HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
                     BLOCK_CC: tl.constexpr, BLOCK_O: tl.constexpr, PRECISION: tl.constexpr):
-    n64 = tl.program_id(1).to(tl.int64)
-    offs_p, mask_p, hh, ww = pixel_tile(tl.program_id(0), HW, W, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
+    n64, _, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     acc = conv3x3_tile(x_ptr, carry_in_ptr, w_ptr, n64, hh, ww, mask_p,
                        H, W, HW, X_C0, CX, CC_IN, CIN, COUT, sx_n, sx_c, sx_h, sx_w,
                        HAS_CARRY, BLOCK_P, BLOCK_X, BLOCK_CC, BLOCK_O, PRECISION)

@@ -1,5 +1,7 @@
 """Split-resplice (SR) in Triton with autograd: training mode, and eval mode when gradients
-are needed (BN then uses its running statistics and dropout is off).
+are needed (BN then uses its running statistics and dropout is off; BN folded into the
+convolutions by optimize_for_inference runs as a BN with γ = 1, β = conv bias, μ = 0,
+σ² = 1, ε = 0).
 
 Two ops, registered with ``torch.library.triton_op`` (every launch through ``wrap_triton``)
 so ``torch.compile`` sees into them, tied together by ``torch.library.register_autograd``:
@@ -47,9 +49,10 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from ._common import (INTERPRET, acc_dtype, channel_block, conv3x3_tile, launch_is_traced_away,
-                      merge_tile_moments, pixel_tile, split_resplice_layout,
-                      store_output_and_carry, tile_moments)
+from ._common import (INTERPRET, acc_dtype, channel_block, conv3x3_tile, conv_channel_ranges,
+                      launch_is_traced_away, load_conv_inputs, merge_tile_moments, pixel_tile,
+                      split_resplice_layout, step_tile, store_output_and_carry, tile_moments,
+                      update_bn_running_stats)
 
 BLOCK_P = 16 if INTERPRET else 64
 
@@ -62,22 +65,17 @@ def _dropout_keep(seed_ptr, STEP, index, P_DROP):
 
 @triton.jit
 def _conv_stats_kernel(x_ptr, carry_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
-                       H, W, HW, X_C0, CX, CC_IN, CIN, COUT, TILES,
+                       H, W, HW, X_C0, CX, CC_IN, CIN, COUT,
                        sx_n, sx_c, sx_h, sx_w,
                        HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
                        BLOCK_CC: tl.constexpr, BLOCK_O: tl.constexpr):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1)
-    n64 = n.to(tl.int64)
-    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
+    n64, tile, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     acc = conv3x3_tile(x_ptr, carry_ptr, w_ptr, n64, hh, ww, mask_p,
                        H, W, HW, X_C0, CX, CC_IN, CIN, COUT, sx_n, sx_c, sx_h, sx_w,
                        HAS_CARRY, BLOCK_P, BLOCK_X, BLOCK_CC, BLOCK_O, "ieee")
     tl.store(z_ptr + (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None], acc,
              mask=mask_p[:, None] & mask_o[None, :])
-    tile_moments(acc, mask_p, n * TILES + pid_p, mean_ptr, m2_ptr, offs_o, mask_o, COUT)
+    tile_moments(acc, mask_p, tile, mean_ptr, m2_ptr, offs_o, mask_o, COUT)
 
 
 @triton.jit
@@ -85,10 +83,7 @@ def _act_kernel(z_ptr, scale_ptr, shift_ptr, out_ptr, carry_ptr,
                 HW, COUT, KEEP, OUT_C0, SLOPE, P_DROP, seed_ptr, STEP,
                 so_n, so_c, so_h, so_w, W,
                 BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
-    n64 = tl.program_id(1).to(tl.int64)
-    offs_p, mask_p, hh, ww = pixel_tile(tl.program_id(0), HW, W, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
+    n64, _, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
     z = tl.load(z_ptr + index, mask=mask_p[:, None] & mask_o[None, :], other=0.0)
     y = z * tl.load(scale_ptr + offs_o, mask=mask_o, other=0.0)[None, :] \
@@ -103,15 +98,10 @@ def _act_kernel(z_ptr, scale_ptr, shift_ptr, out_ptr, carry_ptr,
 @triton.jit
 def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                          gy_ptr, sum_g_ptr, sum_gx_ptr,
-                         HW, COUT, KEEP, OUT_C0, SLOPE, P_DROP, seed_ptr, STEP, TILES,
+                         HW, COUT, KEEP, OUT_C0, SLOPE, P_DROP, seed_ptr, STEP,
                          sg_n, sg_c, sg_h, sg_w, W,
                          BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1)
-    n64 = n.to(tl.int64)
-    offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
+    n64, tile, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     mask = mask_p[:, None] & mask_o[None, :]
     index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
     g = tl.load(g_ptr + n64 * sg_n + (OUT_C0 + offs_o[None, :]) * sg_c + hh[:, None] * sg_h
@@ -129,7 +119,6 @@ def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_pt
     tl.store(gy_ptr + index, gy, mask=mask)
     xhat = (z - tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)[None, :]) \
         * tl.load(rstd_ptr + offs_o, mask=mask_o, other=0.0)[None, :]
-    tile = n * TILES + pid_p
     tl.store(sum_g_ptr + tile * COUT + offs_o, tl.sum(gy, axis=0), mask=mask_o)
     tl.store(sum_gx_ptr + tile * COUT + offs_o, tl.sum(gy * xhat, axis=0), mask=mask_o)
 
@@ -141,11 +130,8 @@ def _bn_input_grad_kernel(g_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, sum_g_ptr
     """dL/dz from dL/dŷ (g, overwritten in place). With batch statistics
     dL/dz = γσ⁻¹·(dL/dŷ − Σ dL/dŷ / M − x̂ · Σ dL/dŷ·x̂ / M), M = N·H·W, x̂ = (z − μ)σ⁻¹;
     with running statistics μ and σ do not depend on z and dL/dz = γσ⁻¹·dL/dŷ."""
-    n64 = tl.program_id(1).to(tl.int64)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
-    mask = (offs_p < HW)[:, None] & mask_o[None, :]
+    n64, _, offs_p, mask_p, _, _, offs_o, mask_o = step_tile(HW, 1, COUT, BLOCK_P, BLOCK_O)
+    mask = mask_p[:, None] & mask_o[None, :]
     index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
     g = tl.load(g_ptr + index, mask=mask, other=0.0)
     rstd = tl.load(rstd_ptr + offs_o, mask=mask_o, other=0.0)
@@ -169,12 +155,8 @@ def _conv_input_backward_kernel(gz_ptr, w_ptr, gx_ptr, gcarry_ptr,
     n64 = tl.program_id(1).to(tl.int64)
     acc_t = gz_ptr.dtype.element_ty
     offs_p, mask_p, hh, ww = pixel_tile(tl.program_id(0), HW, W, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
-    offs_x = tl.arange(0, BLOCK_X)
-    mask_x = offs_x < CX
-    offs_cc = tl.arange(0, BLOCK_CC)
-    mask_cc = offs_cc < CC_IN
+    offs_o, mask_o, offs_x, mask_x, offs_cc, mask_cc = conv_channel_ranges(
+        COUT, CX, CC_IN, BLOCK_O, BLOCK_X, BLOCK_CC)
     acc_x = tl.zeros([BLOCK_P, BLOCK_X], dtype=acc_t)
     acc_c = tl.zeros([BLOCK_P, BLOCK_CC], dtype=acc_t)
     for ky in tl.static_range(3):
@@ -214,31 +196,21 @@ def _conv_weight_backward_kernel(x_ptr, carry_ptr, gz_ptr, gw_ptr,
     kx = tap % 3
     n64 = n.to(tl.int64)
     acc_t = gz_ptr.dtype.element_ty
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < COUT
-    offs_x = tl.arange(0, BLOCK_X)
-    mask_x = offs_x < CX
-    offs_cc = tl.arange(0, BLOCK_CC)
-    mask_cc = offs_cc < CC_IN
+    offs_o, mask_o, offs_x, mask_x, offs_cc, mask_cc = conv_channel_ranges(
+        COUT, CX, CC_IN, BLOCK_O, BLOCK_X, BLOCK_CC)
     acc_x = tl.zeros([BLOCK_X, BLOCK_O], dtype=acc_t)
     acc_c = tl.zeros([BLOCK_CC, BLOCK_O], dtype=acc_t)
     for tile in range(pid_p, NUM_TILES, TILE_STEP):
-        offs_p = tile * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < HW
-        hh = offs_p // W
-        ww = offs_p % W
+        offs_p, mask_p, hh, ww = pixel_tile(tile, HW, W, BLOCK_P)
         gz = tl.load(gz_ptr + (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None],
                      mask=mask_p[:, None] & mask_o[None, :], other=0.0)
         h2 = hh + (ky - 1)
         w2 = ww + (kx - 1)
         valid = mask_p & (h2 >= 0) & (h2 < H) & (w2 >= 0) & (w2 < W)
-        a = tl.load(x_ptr + n64 * sx_n + (X_C0 + offs_x[None, :]) * sx_c + h2[:, None] * sx_h
-                    + w2[:, None] * sx_w, mask=valid[:, None] & mask_x[None, :],
-                    other=0.0).to(acc_t)
+        a, c = load_conv_inputs(x_ptr, carry_ptr, n64, h2, w2, valid, offs_x, mask_x, offs_cc,
+                                mask_cc, HW, W, X_C0, CC_IN, sx_n, sx_c, sx_h, sx_w, HAS_CARRY)
         acc_x += tl.dot(tl.trans(a), gz, input_precision="ieee")
         if HAS_CARRY:
-            c = tl.load(carry_ptr + (n64 * CC_IN + offs_cc[None, :]) * HW + h2[:, None] * W
-                        + w2[:, None], mask=valid[:, None] & mask_cc[None, :], other=0.0)
             acc_c += tl.dot(tl.trans(c), gz, input_precision="ieee")
     tl.atomic_add(gw_ptr + offs_o[None, :] * (CIN * 9) + offs_x[:, None] * 9 + tap, acc_x,
                   mask=mask_x[:, None] & mask_o[None, :])
@@ -273,7 +245,7 @@ def launch_split_resplice_train_forward(x, weights, gammas, betas, running_means
         if launch:
             wrap_triton(_conv_stats_kernel)[grid](
                 x, carry, weight, z, tile_mean, tile_m2,
-                h, w, hw, (j + 1) * width, width, cc_in, cin, cout, tiles, *x.stride(),
+                h, w, hw, (j + 1) * width, width, cc_in, cin, cout, *x.stride(),
                 HAS_CARRY=j > 0, BLOCK_P=BLOCK_P, BLOCK_X=channel_block(width),
                 BLOCK_CC=channel_block(cc_in), BLOCK_O=channel_block(cout), num_warps=4)
         if running_means:  # eval mode with autograd: BN uses its running statistics
@@ -337,7 +309,7 @@ def launch_split_resplice_train_backward(grad_out, x, weights, gammas, betas, zs
         if launch:
             wrap_triton(_act_backward_kernel)[grid](
                 grad_out, grad_carry, zs[j], scale, shift, mean, rstd, gz, tile_sum_g,
-                tile_sum_gx, hw, cout, keep, out_c0, negative_slope, p_drop, seed, j, tiles,
+                tile_sum_gx, hw, cout, keep, out_c0, negative_slope, p_drop, seed, j,
                 *grad_out.stride(), w, BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout),
                 num_warps=4)
         sum_g, sum_gx = tile_sum_g.sum(0), tile_sum_gx.sum(0)
@@ -399,6 +371,7 @@ def _setup_context(ctx, inputs, output):
      p_drop, eps) = inputs
     _, zs, carries, means, variances = output
     ctx.steps = len(weights)
+    ctx.running_stats = len(running_means)
     ctx.config = (splits, negative_slope, p_drop, eps, not running_means)
     ctx.save_for_backward(x, seed, means, variances, *weights, *gammas, *betas, *zs, *carries)
 
@@ -412,15 +385,26 @@ def _backward(ctx, grad_out, _grad_zs, _grad_carries, _grad_means, _grad_varianc
         grad_out = torch.zeros_like(x)
     grad_x, grad_w, grad_gamma, grad_beta = split_resplice_train_backward(
         grad_out, x, weights, gammas, betas, zs, carries, means, variances, seed, *ctx.config)
-    return grad_x, grad_w, grad_gamma, grad_beta, None, None, None, None, None, None, None
+    no_grad_stats = [None] * ctx.running_stats  # running statistics are constants
+    return (grad_x, grad_w, grad_gamma, grad_beta, no_grad_stats, list(no_grad_stats),
+            None, None, None, None, None)
 
 
 torch.library.register_autograd("saffnet_triton::split_resplice_train_forward", _backward,
                                 setup_context=_setup_context)
 
 
+def _bn_folded(module: nn.Module) -> bool:
+    return all(isinstance(step.bn, nn.Identity) for step in module.steps)
+
+
 def unsupported_reason(module: nn.Module) -> Optional[str]:
     """Why the autograd path (training, or eval with gradients) cannot serve ``module``."""
+    if _bn_folded(module):  # optimize_for_inference folded BN into the convolutions
+        if module.training:
+            return ("training needs the BatchNorm layers, which optimize_for_inference folded "
+                    "into the convolutions")
+        return None
     for step in module.steps:
         bn = step.bn
         if not (type(bn) is nn.BatchNorm2d and bn.affine):
@@ -432,18 +416,6 @@ def unsupported_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
-@torch.no_grad()
-def _update_running_stats(bn: nn.BatchNorm2d, mean, var, count: int) -> None:
-    if bn.running_mean is None:
-        return
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    dtype = bn.running_mean.dtype
-    bn.running_mean.mul_(1 - factor).add_(mean.to(dtype) * factor)
-    bn.running_var.mul_(1 - factor).add_((var * (count / (count - 1))).to(dtype) * factor)
-
-
 def split_resplice_train(module: nn.Module, x: torch.Tensor,
                          seed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SR forward with autograd: training mode (batch statistics, dropout), or eval mode
@@ -453,15 +425,26 @@ def split_resplice_train(module: nn.Module, x: torch.Tensor,
     n, c, h, w = x.shape
     steps = module.steps
     weights = [step.conv.weight for step in steps]
-    gammas = [step.bn.weight for step in steps]
-    betas = [step.bn.bias for step in steps]
+    gammas = [getattr(step.bn, "weight", None) for step in steps]
+    betas = [getattr(step.bn, "bias", None) for step in steps]
     slope = float(steps[0].act.negative_slope)
+    no_seed = x.new_zeros((1,), dtype=torch.int32)  # dropout is off in eval
+    if not module.training and _bn_folded(module):
+        # conv + bias with BN folded in: served as a BN with γ = 1, β = the conv bias and
+        # running statistics μ = 0, σ² = 1, ε = 0, so BN-apply computes z·1 + bias exactly
+        # and dL/dβ is the bias gradient
+        ones = [weight.new_ones(weight.shape[0]) for weight in weights]
+        biases = [step.conv.bias if step.conv.bias is not None
+                  else weight.new_zeros(weight.shape[0]) for step, weight in zip(steps, weights)]
+        return split_resplice_train_forward(
+            x, weights, ones, biases, [torch.zeros_like(o) for o in ones],
+            [torch.ones_like(o) for o in ones], no_seed,
+            module.splits, slope, 0.0, 0.0)[0]
     eps = float(steps[0].bn.eps)
     if not module.training:
         return split_resplice_train_forward(
             x, weights, gammas, betas, [s.bn.running_mean for s in steps],
-            [s.bn.running_var for s in steps], x.new_zeros((1,), dtype=torch.int32),
-            module.splits, slope, 0.0, eps)[0]
+            [s.bn.running_var for s in steps], no_seed, module.splits, slope, 0.0, eps)[0]
     if n * h * w <= 1:
         raise ValueError("Expected more than 1 value per channel when training, got input "
                          f"size {tuple(x.shape)}")
@@ -478,7 +461,7 @@ def split_resplice_train(module: nn.Module, x: torch.Tensor,
     offset = 0
     for step in steps:
         cout = step.conv.out_channels
-        _update_running_stats(step.bn, means[offset:offset + cout],
+        update_bn_running_stats(step.bn, means[offset:offset + cout],
                               variances[offset:offset + cout], n * h * w)
         offset += cout
     return out
