@@ -3,14 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-from typing import Any
 
 import numpy as np
 
 from .dataset_info import DatasetInfo, build_dataset_info
-from .topdown import AugmentConfig, MissingFileError, PersonRecord, TopDownDataset
+from .topdown import AugmentConfig, MissingFileError, PersonRecord, TopDownDataset, read_json
 from .transforms import box_to_center_scale
 
 
@@ -18,13 +16,7 @@ def load_coco(annotation_file: str):
     """pycocotools COCO object; a missing or malformed file raises an error naming it."""
     from pycocotools.coco import COCO
 
-    if not os.path.isfile(annotation_file):
-        raise MissingFileError(f"annotation file not found: {annotation_file}")
-    try:
-        with open(annotation_file, encoding="utf-8") as handle:
-            dataset = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MissingFileError(f"annotation file is unreadable ({exc}): {annotation_file}") from exc
+    dataset = read_json(annotation_file, "annotation file")
     for key in ("images", "annotations", "categories"):
         if key not in dataset:
             raise ValueError(f"annotation file {annotation_file}: missing COCO key {key!r}")
@@ -83,14 +75,7 @@ def gt_box_records(coco, image_dir: str, info: DatasetInfo, aspect_ratio: float,
 
 
 def load_detections(detection_file: str) -> list[dict]:
-    if not os.path.isfile(detection_file):
-        raise MissingFileError(f"person detection file not found: {detection_file}")
-    try:
-        with open(detection_file, encoding="utf-8") as handle:
-            detections = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MissingFileError(
-            f"person detection file is unreadable ({exc}): {detection_file}") from exc
+    detections = read_json(detection_file, "person detection file")
     if not isinstance(detections, list):
         raise ValueError(f"person detection file {detection_file}: expected a JSON list of "
                          "{image_id, category_id, bbox, score} entries")

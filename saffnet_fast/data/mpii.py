@@ -2,24 +2,17 @@
 ``{image, center, scale, joints (16×2), joints_vis (16)}`` entries, MATLAB 1-based joints."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
 from .dataset_info import DatasetInfo, build_dataset_info
-from .topdown import AugmentConfig, MissingFileError, PersonRecord, TopDownDataset
+from .topdown import AugmentConfig, MissingFileError, PersonRecord, TopDownDataset, read_json
 
 
 def load_mpii_records(annotation_file: str, image_dir: str, num_joints: int = 16
                       ) -> list[PersonRecord]:
-    if not os.path.isfile(annotation_file):
-        raise MissingFileError(f"annotation file not found: {annotation_file}")
-    try:
-        with open(annotation_file, encoding="utf-8") as handle:
-            entries = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MissingFileError(f"annotation file is unreadable ({exc}): {annotation_file}") from exc
+    entries = read_json(annotation_file, "annotation file")
     if not isinstance(entries, list):
         raise ValueError(f"MPII annotation file {annotation_file}: expected a JSON list")
     records = []

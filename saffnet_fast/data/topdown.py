@@ -7,9 +7,9 @@ data-loader workers (see :class:`saffnet_fast.data.sampler.ResumableSampler`).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
 import cv2
 import numpy as np
@@ -46,6 +46,18 @@ class AugmentConfig:
 
 class MissingFileError(FileNotFoundError):
     """A dataset image or annotation file is missing or unreadable."""
+
+
+def read_json(path: str, what: str):
+    """Parsed JSON of ``path``; a missing or unreadable file raises :class:`MissingFileError`
+    naming ``what`` (e.g. "annotation file") and the path."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MissingFileError(f"{what} is unreadable ({exc}): {path}") from exc
 
 
 def read_image_rgb(path: str) -> np.ndarray:

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import os
 import warnings
 from collections import defaultdict
 from typing import Any, Sequence
@@ -31,15 +29,9 @@ def _coco_classes():
 
 
 def _load_json(path: str, what: str):
-    from ..data.topdown import MissingFileError
+    from ..data.topdown import read_json
 
-    if not os.path.isfile(path):
-        raise MissingFileError(f"{what} not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MissingFileError(f"{what} is unreadable ({exc}): {path}") from exc
+    return read_json(path, what)
 
 
 def coco_keypoint_eval(ground_truth: str | dict, results: str | list[dict],

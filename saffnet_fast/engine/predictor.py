@@ -20,15 +20,9 @@ def load_boxes(path: str) -> dict[str, list[list[float]]]:
     """Person boxes per image from JSON: either ``{"name.jpg": [[x, y, w, h(, score)], ...]}``
     or a list of ``{"file_name": ..., "bbox": [x, y, w, h], "score": s}`` entries. Keys are
     matched against image base names."""
-    from ..data.topdown import MissingFileError
+    from ..data.topdown import read_json
 
-    if not os.path.isfile(path):
-        raise MissingFileError(f"boxes file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MissingFileError(f"boxes file is unreadable ({exc}): {path}") from exc
+    data = read_json(path, "boxes file")
     boxes: dict[str, list[list[float]]] = {}
     if isinstance(data, dict):
         for name, items in data.items():
