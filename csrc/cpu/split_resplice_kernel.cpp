@@ -70,15 +70,27 @@ SAFFNET_ALWAYS_INLINE void conv3x3_row_block(acc_t* __restrict__ acc,
   }
 }
 
-// Output channels in blocks of 4 (the input vectors loaded once per tap serve 4 outputs).
+// Output channels in blocks of 8 (the three input vectors loaded per tap row serve 8
+// outputs: 24 FMAs per 3 loads; 8 accumulators + 3 inputs fit AVX-512's 32 registers), the
+// remainder (SAFFNet's widths are 7, 15, 31, …) as one block of its own size rather than
+// single channels, which would be load-bound.
 template <typename acc_t>
 SAFFNET_ALWAYS_INLINE void conv3x3_row(acc_t* __restrict__ acc, const acc_t* __restrict__ padded,
                                        const acc_t* __restrict__ wv,
                                        const acc_t* __restrict__ bv, int64_t cj, int64_t Wp,
                                        int64_t W) {
   int64_t o = 0;
-  for (; o + 4 <= cj; o += 4) conv3x3_row_block<acc_t, 4>(acc, padded, wv, bv, o, cj, Wp, W);
-  for (; o < cj; ++o) conv3x3_row_block<acc_t, 1>(acc, padded, wv, bv, o, cj, Wp, W);
+  for (; o + 8 <= cj; o += 8) conv3x3_row_block<acc_t, 8>(acc, padded, wv, bv, o, cj, Wp, W);
+  switch (cj - o) {
+    case 7: conv3x3_row_block<acc_t, 7>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    case 6: conv3x3_row_block<acc_t, 6>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    case 5: conv3x3_row_block<acc_t, 5>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    case 4: conv3x3_row_block<acc_t, 4>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    case 3: conv3x3_row_block<acc_t, 3>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    case 2: conv3x3_row_block<acc_t, 2>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    case 1: conv3x3_row_block<acc_t, 1>(acc, padded, wv, bv, o, cj, Wp, W); break;
+    default: break;
+  }
 }
 
 SAFFNET_CPU_CLONES void conv3x3_row_clones(float* acc, const float* padded, const float* wv,

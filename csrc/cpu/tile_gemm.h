@@ -1,8 +1,8 @@
 // Small GEMM on pixel tiles used by the CPU attention kernels:
 //   out[j][p] = bias[j] + Σ_c a[j][c] · b[c][p]      (j < rows, c < inner, p < kTile)
 // with b and out in [row][kTile] layout. The pixel dimension is held in 64-byte vectors
-// (GCC vector extensions) and four output rows share every loaded b vector. Compiled as
-// function clones for AVX-512 / AVX2 / baseline (SAFFNET_CPU_CLONES).
+// (GCC vector extensions) and eight (then four) output rows share every loaded b vector.
+// Compiled as function clones for AVX-512 / AVX2 / baseline (SAFFNET_CPU_CLONES).
 #pragma once
 
 #include <cstdint>
@@ -39,7 +39,9 @@ SAFFNET_ALWAYS_INLINE void tile_gemm_block(acc_t* __restrict__ out, const acc_t*
 template <typename acc_t>
 SAFFNET_ALWAYS_INLINE void tile_gemm_body(acc_t* out, const acc_t* a, const acc_t* bias,
                                           const acc_t* b, int64_t rows, int64_t inner) {
+  // 8 output rows per block: 16 accumulator vectors (float) share each loaded b vector.
   int64_t j = 0;
+  for (; j + 8 <= rows; j += 8) tile_gemm_block<acc_t, 8>(out, a, bias, b, j, inner);
   for (; j + 4 <= rows; j += 4) tile_gemm_block<acc_t, 4>(out, a, bias, b, j, inner);
   for (; j < rows; ++j) tile_gemm_block<acc_t, 1>(out, a, bias, b, j, inner);
 }

@@ -15,6 +15,9 @@ reaches the module's parameters exactly as it does through the reference.
 """
 from __future__ import annotations
 
+import weakref
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -278,11 +281,106 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.T
     return weight * scale[:, None], bias
 
 
+# ---------------------------------------------------------------------------------------
+# Folded-parameter cache (eval mode, no gradient needed)
+# ---------------------------------------------------------------------------------------
+# Folding BN into the 1×1 / 3×3 convolutions is ~8 small ATen ops per BN; at batch 1 that cost
+# more than the fused kernels themselves. In inference the folded tensors only change when a
+# source tensor does, so they are kept per module and rebuilt when any source tensor is a
+# different object, was modified in place (_version), had its storage swapped (.data = …,
+# module.to(...): data_ptr, dtype, device), or a BN's eps changed. Never used when autograd
+# must reach a parameter: then the folding runs as differentiable ATen arithmetic per call.
+_FOLDED_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _source_state(sources: Sequence[torch.Tensor | None]) -> tuple:
+    # id(t) equal to a cached id means the same object: the cache entry holds its sources,
+    # so no other object can have been given that id meanwhile.
+    return tuple(None if t is None else (id(t), t._version, t.data_ptr(), t.dtype, t.device)
+                 for t in sources)
+
+
+def _needs_param_grad(sources: Sequence[torch.Tensor | None]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in sources)
+
+
+def _module_sources(module: nn.Module) -> tuple[list, tuple]:
+    """Every parameter and buffer of ``module`` and its submodules (None entries included),
+    and every BN's (eps, track_running_stats). Walks the _parameters / _buffers / _modules
+    dicts directly: nn.Module.__getattr__ per tensor cost more than the folding saved."""
+    sources: list = []
+    extras: list = []
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        sources.extend(m._parameters.values())
+        sources.extend(m._buffers.values())
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            extras.append((m.eps, m.track_running_stats))
+        stack.extend(m._modules.values())
+    return sources, tuple(extras)
+
+
+def _folded_params(module: nn.Module, fold: Callable[[], tuple]) -> tuple:
+    """fold() of ``module``'s parameters, from the cache when no gradient can reach them."""
+    if torch.compiler.is_compiling():
+        # Traced: the folding becomes part of the graph (data_ptr/_version/ids would break
+        # fullgraph tracing, and the compiled graph is where such hoisting belongs).
+        return fold()
+    sources, extras = _module_sources(module)
+    if _needs_param_grad(sources):
+        return fold()
+    try:
+        state = _source_state(sources)
+    except RuntimeError:
+        # Inference tensors (parameters created under inference_mode) have no version
+        # counter: nothing to key on, so fold per call.
+        return fold()
+    entry = _FOLDED_CACHE.get(module)
+    if entry is not None and entry[2] == state and entry[3] == extras:
+        return entry[0]
+    # Plain tensors even when called under inference_mode, so a later call with autograd on
+    # (frozen parameters, x requiring grad) can save them for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        params = fold()
+    # Strong references to the sources: while the entry lives, no new tensor can reuse their
+    # id or storage address and pass as unchanged.
+    _FOLDED_CACHE[module] = (params, tuple(sources), state, extras)
+    return params
+
+
+def _clear_folded_cache() -> None:
+    """Drop every cached folding (tests, or to release memory)."""
+    _FOLDED_CACHE.clear()
+
+
+def _linear(conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W as out×in, bias) of a 1×1 convolution."""
+    return conv.weight.reshape(conv.out_channels, -1), conv.bias
+
+
+def _fold_aff(aff) -> tuple:
+    """(local w1, b1, w2, b2, global g1, gb1, g2ᵀ, gb2) with every BN folded; g1 and g2 are
+    stored transposed for addmm on the pooled N×C rows."""
+    local, glob = aff.local_att, aff.global_att
+    w1, b1 = _fold_bn(local[0], local[1])
+    w2, b2 = _fold_bn(local[3], local[4])
+    g1, gb1 = _fold_bn(glob[1], glob[2])
+    g2, gb2 = _fold_bn(glob[4], glob[5])
+    return w1, b1, w2, b2, g1.t(), gb1, g2.t(), gb2
+
+
+def _global_logit(folded_aff: tuple, pooled: torch.Tensor) -> torch.Tensor:
+    """AFF's global_att on the already pooled N×C mean of its xa (AdaptiveAvgPool2d skipped)."""
+    g1t, gb1, g2t, gb2 = folded_aff[4:]
+    return torch.addmm(gb2, torch.addmm(gb1, pooled, g1t).relu_(), g2t)
+
+
 def _coord_attention_factors(ca, x: torch.Tensor):
-    """(pool_h, a_h N×C×H, a_w N×C×W) of CoordAttention ``ca``: the pooling is the native
-    coord_pool (one read of x); the vector-sized rest runs through ca's own layers, so BN
-    behaves exactly as in the reference in both modes (batch statistics and running-stat
-    updates in training, running statistics in eval)."""
+    """(pool_h, a_h N×C×H, a_w N×C×W) of CoordAttention ``ca``, any mode: the pooling is the
+    native coord_pool (one read of x); the vector-sized rest runs through ca's own layers, so
+    BN behaves exactly as in the reference (batch statistics and running-stat updates in
+    training, running statistics in eval)."""
     h, w = x.shape[2], x.shape[3]
     pool_h, pool_w = torch.ops.saffnet_fast.coord_pool(x)
     y = torch.cat([pool_h, pool_w], dim=2).unsqueeze(-1)            # N×C×(H+W)×1
@@ -293,17 +391,31 @@ def _coord_attention_factors(ca, x: torch.Tensor):
     return pool_h, a_h, a_w
 
 
-def _local_att_folded(aff):
-    local = aff.local_att
-    w1, b1 = _fold_bn(local[0], local[1])
-    w2, b2 = _fold_bn(local[3], local[4])
-    return w1, b1, w2, b2
+def _fold_coord_attention(ca) -> tuple:
+    """(W1, b1) of conv1 with bn1 folded (eval), and conv_h / conv_w stacked into one
+    2C×mip map with its 2C bias: both factors from one matmul."""
+    w1, b1 = _fold_bn(ca.conv1, ca.bn1)
+    wh, bh = _linear(ca.conv_h)
+    ww, bw = _linear(ca.conv_w)
+    zeros = w1.new_zeros(ca.channels)
+    bh = zeros if bh is None else bh
+    bw = zeros if bw is None else bw
+    return w1, b1, torch.cat([wh, ww], 0), torch.cat([bh, bw], 0)
 
 
-def _global_att_logit(aff, pooled: torch.Tensor) -> torch.Tensor:
-    """global_att on the already pooled N×C mean of AFF's xa (its AdaptiveAvgPool2d skipped)."""
-    n, c = pooled.shape
-    return aff.global_att[1:](pooled.reshape(n, c, 1, 1)).reshape(n, c)
+def _coord_attention_factors_eval(folded_ca: tuple, x: torch.Tensor):
+    """(pool_h, a_h N×C×H, a_w N×C×W) of an eval-mode CoordAttention from its folded
+    parameters. The pooled vectors are laid out N×(H+W)×C so each 1×1 conv is one
+    F.linear (a single GEMM over all N·(H+W) positions), not a batched matmul."""
+    c, h = x.shape[1], x.shape[2]
+    w1, b1, w_hw, b_hw = folded_ca
+    pool_h, pool_w = torch.ops.saffnet_fast.coord_pool(x)
+    y = torch.cat([pool_h.transpose(1, 2), pool_w.transpose(1, 2)], dim=1)  # N×(H+W)×C
+    y = F.hardswish(F.linear(y, w1, b1))
+    # Both heads on all H+W positions (2× the flops of a tiny GEMM, one call instead of
+    # two); a_h and a_w are strided views, which aff_fuse reads through their strides.
+    a = torch.sigmoid(F.linear(y, w_hw, b_hw))                            # N×(H+W)×2C
+    return pool_h, a[:, :h, :c].transpose(1, 2), a[:, h:, c:].transpose(1, 2)
 
 
 def _require_inference_local_att(module, name: str) -> None:
@@ -322,23 +434,44 @@ def native_coordinate_attention(module, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.saffnet_fast.coord_scale(x, a_h, a_w)
 
 
+def _scaff_folded(module) -> tuple:
+    return _folded_params(module, lambda: (_fold_coord_attention(module.ca),
+                                           _fold_aff(module.aff)))
+
+
 def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     """SCAFF(x) = AFF(CA(x), x), inference mode (module.eval()).
 
     Passes over the N×C×H×W tensor: coord_pool (read x), the global-branch mean
-    mean_hw(x·(1 + a_h·a_w)) = mean(x) + Σ_h a_h·(x @ a_w) / HW as one batched matvec (read
-    x), aff_fuse (read x, write out): 3 reads + 1 write; no full-size intermediate.
+    mean_hw(x·(1 + a_h·a_w)) = mean_h(pool_h + a_h·(x @ a_w)/W) as one batched matvec (read
+    x), aff_fuse (read x, write out): 3 reads + 1 write; no full-size intermediate. Every BN
+    is folded (cached per module when no gradient reaches the parameters).
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
     _require_inference_local_att(module, "native_scaff")
-    h, w = x.shape[2], x.shape[3]
-    pool_h, a_h, a_w = _coord_attention_factors(module.ca, x)
-    weighted = torch.matmul(x, a_w.unsqueeze(-1)).squeeze(-1)        # N×C×H: Σ_w x·a_w
-    pooled = pool_h.mean(dim=2) + (weighted * a_h).sum(dim=2) / (h * w)
-    global_logit = _global_att_logit(module.aff, pooled)
-    return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit,
-                                           *_local_att_folded(module.aff))
+    folded_ca, folded_aff = _scaff_folded(module)
+    pool_h, a_h, a_w = _coord_attention_factors_eval(folded_ca, x)
+    # N×C×H: Σ_w x·a_w (a_w made contiguous: 2× faster batched matvec, and it is tiny)
+    weighted = torch.matmul(x, a_w.contiguous().unsqueeze(-1)).squeeze(-1)
+    pooled = torch.addcmul(pool_h, a_h, weighted, value=1.0 / x.shape[3]).mean(dim=2)
+    global_logit = _global_logit(folded_aff, pooled)
+    return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *folded_aff[:4])
+
+
+def _fold_se_plus(se) -> tuple:
+    """(fc1ᵀ, b1, fc2ᵀ, fc_avgᵀ, b2 + b_avg) for addmm on pooled N×C rows."""
+    w1, b1 = _linear(se.fc1)
+    w2, b2 = _linear(se.fc2)
+    wa, ba = _linear(se.fc_avg)
+    b1 = w1.new_zeros(w1.shape[0]) if b1 is None else b1
+    b2 = w2.new_zeros(w2.shape[0]) if b2 is None else b2
+    ba = wa.new_zeros(wa.shape[0]) if ba is None else ba
+    return w1.t(), b1, w2.t(), wa.t(), b2 + ba
+
+
+def _sawf_folded(module) -> tuple:
+    return _folded_params(module, lambda: (_fold_se_plus(module.se), _fold_aff(module.aff)))
 
 
 def native_sawf(module, x: torch.Tensor) -> torch.Tensor:
@@ -352,15 +485,23 @@ def native_sawf(module, x: torch.Tensor) -> torch.Tensor:
     _check_input(x, module.channels)
     _require_inference_local_att(module, "native_sawf")
     n, c, h, w = x.shape
-    se = module.se
+    (fc1t, b1, fc2t, fc_avgt, b_out), folded_aff = _sawf_folded(module)
     s = x.mean(dim=(2, 3))
-    sv = s.reshape(n, c, 1, 1)
-    gate = torch.sigmoid(se.fc2(F.relu(se.fc1(sv))) + se.fc_avg(sv)).reshape(n, c)
-    global_logit = _global_att_logit(module.aff, s * (1 + gate))
+    hidden = torch.addmm(b1, s, fc1t).relu_()
+    gate = torch.addmm(torch.addmm(b_out, s, fc_avgt), hidden, fc2t).sigmoid_()
+    global_logit = _global_logit(folded_aff, torch.addcmul(s, s, gate))
     a_h = gate.unsqueeze(-1).expand(n, c, h)
-    a_w = x.new_ones(()).expand(n, c, w)
-    return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit,
-                                           *_local_att_folded(module.aff))
+    a_w = gate.new_ones(()).expand(n, c, w)
+    return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *folded_aff[:4])
+
+
+def _fold_split_resplice(module) -> tuple:
+    weights, biases = [], []
+    for step in module.steps:
+        weight, bias = _fold_bn(step.conv, step.bn)
+        weights.append(weight.reshape(step.conv.weight.shape))
+        biases.append(bias)
+    return weights, biases
 
 
 def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
@@ -380,11 +521,7 @@ def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
     if len(slopes) != 1 or min(slopes) < 0:
         raise NotImplementedError(
             f"native_split_resplice: needs one negative_slope ≥ 0 for all steps, got {slopes}")
-    weights, biases = [], []
-    for step in module.steps:
-        weight, bias = _fold_bn(step.conv, step.bn)
-        weights.append(weight.reshape(step.conv.weight.shape))
-        biases.append(bias)
+    weights, biases = _folded_params(module, lambda: _fold_split_resplice(module))
     out, _ = torch.ops.saffnet_fast.split_resplice(x, weights, biases, slopes.pop())
     return out
 
