@@ -18,6 +18,8 @@ from saffnet_fast.nn import reference as ref
 from saffnet_fast.nn.fast import (FastCoordAttention, FastSAWF, FastSCAFF, FastSplitResplice,
                                   select_implementation)
 
+from parity_utils import rel_err as _rel
+
 
 @pytest.fixture(autouse=True)
 def _clean_selection(monkeypatch):
@@ -42,10 +44,6 @@ def native_missing_op(monkeypatch):
 def native_unavailable(monkeypatch):
     monkeypatch.setattr(backend_module, "_native_reason",
                         lambda device: "extension not built (test)")
-
-
-def _rel(a, b):
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def test_default_is_auto():

@@ -12,6 +12,8 @@ from saffnet_fast.convert import (convert, fold_batchnorm, optimize_for_inferenc
 from saffnet_fast.nn import fast
 from saffnet_fast.nn import reference as ref
 
+from parity_utils import rel_err as _rel
+
 
 @pytest.fixture(autouse=True)
 def _quiet_fallback(monkeypatch):
@@ -54,10 +56,6 @@ def _randomize_bn(model):
 
 def _types(model):
     return [type(m) for m in model.modules()]
-
-
-def _rel(a, b):
-    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def test_convert_swaps_exact_reference_blocks_in_place():

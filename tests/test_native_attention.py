@@ -11,6 +11,8 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SAWF, SCAFF, CoordAttention
 
+from parity_utils import rel_err
+
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
@@ -20,11 +22,6 @@ if has_native():
     OPS = torch.ops.saffnet_fast
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-
-
-def rel_err(out, ref) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 # ------------------------------------------------------------------ op-level references

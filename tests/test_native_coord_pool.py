@@ -8,6 +8,8 @@ import torch
 import saffnet_fast
 from saffnet_fast import has_native
 
+from parity_utils import rel_err
+
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
@@ -22,11 +24,6 @@ SHAPES = [
     (1, 1, 1, 1), (2, 5, 9, 33), (1, 3, 64, 48),
 ]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def check_parity(x: torch.Tensor) -> None:

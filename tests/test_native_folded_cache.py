@@ -9,6 +9,8 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SAWF, SCAFF, SplitResplice
 
+from parity_utils import rel_err
+
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
@@ -21,11 +23,6 @@ MODULES = {
     "sawf": (lambda: SAWF(16, aff_r=4), lambda: native_sawf),
     "split_resplice": (lambda: SplitResplice(16), lambda: native_split_resplice),
 }
-
-
-def rel_err(out, ref) -> float:
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def make(kind, dtype=torch.float64, seed=0):

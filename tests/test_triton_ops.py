@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from parity_utils import rel_err as _rel
+
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 
@@ -127,11 +129,6 @@ def _pair(op, channels, mode, dtype):
     for m in (triton_block, reference):
         m.to(device=DEVICE, dtype=dtype).train(mode == "train")
     return triton_block, reference
-
-
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def _run(module, x, grad):
