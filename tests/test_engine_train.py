@@ -71,8 +71,14 @@ class _NaNAfter(torch.nn.Module):
 
 def test_non_finite_loss_stops_with_epoch_step_and_value(tmp_path):
     cfg = _config(tmp_path, "nan")
-    trainer = Trainer(cfg, _NaNAfter(2), build_dataset(cfg, "train"), log=lambda s: None)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss nan at epoch 2, step 3 \(step 1 of the epoch"):
+    train_set = build_dataset(cfg, "train")
+    # The loss turns NaN at global step 3; where that falls depends on the batches per epoch.
+    steps_per_epoch = -(-len(train_set) // 4)
+    epoch, step_in_epoch = 2 // steps_per_epoch + 1, 2 % steps_per_epoch + 1
+    trainer = Trainer(cfg, _NaNAfter(2), train_set, log=lambda s: None)
+    with pytest.raises(NonFiniteLossError,
+                       match=rf"non-finite training loss nan at epoch {epoch}, step 3 "
+                             rf"\(step {step_in_epoch} of the epoch"):
         trainer.fit()
 
 

@@ -103,6 +103,12 @@ def _triton_selectable(request, monkeypatch):
     if not ON_GPU:
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # backend selection reads it per call
     monkeypatch.delenv("SAFFNET_BACKEND", raising=False)
+    # Inputs and output gradients come from the global RNG: seed it per test so a case does
+    # not depend on which tests ran before it. Training-mode cases whose BN normalises
+    # AFF's pooled 1×1 map over N = 2 samples are ill-conditioned for the fp32 reference and
+    # the kernels alike (seen once in CI, unseeded: grad aff.global_att.2.weight 1.2e-4
+    # from the Triton kernels vs 2.7e-6 from the reference, bound 8.4e-5).
+    torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
