@@ -49,6 +49,18 @@ def add_arguments(parser):
 
 
 def run(args) -> int:
+    # The thread count is process-wide torch state: restore the caller's when the demo is
+    # run in-process (saffnet_fast.cli.main.main([...]) from Python or a test).
+    import torch
+
+    threads_before = torch.get_num_threads()
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args) -> int:
     import torch
 
     from saffnet_fast.data import build_dataset
