@@ -748,39 +748,52 @@ def _record(section, provider, backend, dtype_name, batch, cfg, timing=None, mem
     return rec
 
 
+def _measure(section, provider, precision, batch, cfg, dev, log, label, prepare) -> dict:
+    """Time the callable that ``prepare(found)`` builds (it may set ``found["backend"]``) and
+    return its record; a provider that cannot run is recorded as skipped, any other failure
+    as an error. Compiled graphs are freed afterwards so the next provider starts clean."""
+    found = {"backend": None}
+    try:
+        call = prepare(found)
+        timing = time_callable(call, dev, warmup=cfg.warmup, min_run_time=cfg.min_run_time,
+                               max_warmup=cfg.max_warmup)
+        memory = measure_peak_memory(call, dev)
+    except ProviderUnavailable as exc:
+        log(f"  skip {section} {label}: {exc}")
+        return _record(section, provider, found["backend"], precision, batch, cfg,
+                       status="skipped", reason=str(exc))
+    except Exception as exc:
+        log(f"  error {section} {label}: {_error_text(exc)}")
+        return _record(section, provider, found["backend"], precision, batch, cfg,
+                       status="error", reason=_error_text(exc))
+    finally:
+        if provider == "compile":  # free the compiled graphs before the next provider
+            torch._dynamo.reset()
+    log(f"  {section:9s} {provider:26s} {precision:8s} b{batch:<3d} "
+        f"{timing['median_s'] * 1e3:10.2f} ms  {batch / timing['median_s']:9.1f} img/s")
+    return _record(section, provider, found["backend"], precision, batch, cfg, timing, memory)
+
+
 def _bench_inference(models, cfg, dev, dtype_name, batch, provider, log, weights) -> dict:
     dtype = parse_dtype(dtype_name)
     h, w = cfg.input_size
-    x = torch.randn(batch, 3, h, w, device=dev, dtype=dtype)
-    backend = None
-    try:
+
+    def prepare(found):
+        x = torch.randn(batch, 3, h, w, device=dev, dtype=dtype)
         if provider.startswith("fast_optimized"):
             # optimize_for_inference switches the model to channels_last: feed it that way.
             x = x.contiguous(memory_format=torch.channels_last)
-        model, backend = _model_factory(provider, models, cfg, dev, dtype, x, training=False,
-                                        weights=weights)
+        model, found["backend"] = _model_factory(provider, models, cfg, dev, dtype, x,
+                                                 training=False, weights=weights)
         model.eval()
 
         def call():
             with torch.inference_mode():
                 return model(x)
-        timing = time_callable(call, dev, warmup=cfg.warmup, min_run_time=cfg.min_run_time,
-                               max_warmup=cfg.max_warmup)
-        memory = measure_peak_memory(call, dev)
-    except ProviderUnavailable as exc:
-        log(f"  skip inference {provider} {dtype_name} b{batch}: {exc}")
-        return _record("inference", provider, backend, dtype_name, batch, cfg,
-                       status="skipped", reason=str(exc))
-    except Exception as exc:
-        log(f"  error inference {provider} {dtype_name} b{batch}: {_error_text(exc)}")
-        return _record("inference", provider, backend, dtype_name, batch, cfg,
-                       status="error", reason=_error_text(exc))
-    finally:
-        if provider == "compile":  # free the compiled graphs before the next provider
-            torch._dynamo.reset()
-    log(f"  inference {provider:26s} {dtype_name:8s} b{batch:<3d} "
-        f"{timing['median_s'] * 1e3:10.2f} ms  {batch / timing['median_s']:9.1f} img/s")
-    return _record("inference", provider, backend, dtype_name, batch, cfg, timing, memory)
+        return call
+
+    return _measure("inference", provider, dtype_name, batch, cfg, dev, log,
+                    f"{provider} {dtype_name} b{batch}", prepare)
 
 
 def _bench_training(models, cfg, dev, provider, log, weights) -> dict:
@@ -796,10 +809,10 @@ def _bench_training(models, cfg, dev, provider, log, weights) -> dict:
     cuda = dev.type == "cuda"
     precision = "amp_float16" if cuda else "float32"
     x = torch.randn(batch, 3, h, w, device=dev)
-    backend = None
-    try:
-        model, backend = _model_factory(provider, models, cfg, dev, torch.float32, x,
-                                        training=True, weights=weights)
+
+    def prepare(found):
+        model, found["backend"] = _model_factory(provider, models, cfg, dev, torch.float32,
+                                                 x, training=True, weights=weights)
         model.train()
         with torch.no_grad():
             target = torch.rand_like(model(x).float())
@@ -819,23 +832,9 @@ def _bench_training(models, cfg, dev, provider, log, weights) -> dict:
                 loss.backward()
                 opt.step()
             return loss
-        timing = time_callable(step, dev, warmup=cfg.warmup, min_run_time=cfg.min_run_time,
-                               max_warmup=cfg.max_warmup)
-        memory = measure_peak_memory(step, dev)
-    except ProviderUnavailable as exc:
-        log(f"  skip training {provider}: {exc}")
-        return _record("training", provider, backend, precision, batch, cfg,
-                       status="skipped", reason=str(exc))
-    except Exception as exc:
-        log(f"  error training {provider}: {_error_text(exc)}")
-        return _record("training", provider, backend, precision, batch, cfg,
-                       status="error", reason=_error_text(exc))
-    finally:
-        if provider == "compile":  # free the compiled graphs before the next provider
-            torch._dynamo.reset()
-    log(f"  training  {provider:26s} {precision:8s} b{batch:<3d} "
-        f"{timing['median_s'] * 1e3:10.2f} ms  {batch / timing['median_s']:9.1f} img/s")
-    return _record("training", provider, backend, precision, batch, cfg, timing, memory)
+        return step
+
+    return _measure("training", provider, precision, batch, cfg, dev, log, provider, prepare)
 
 
 def _add_speedups(records: list[dict]) -> None:
@@ -853,6 +852,15 @@ def _add_speedups(records: list[dict]) -> None:
 
 def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None) -> dict:
     """Time every requested provider; return ``{"schema", "meta", "config", "results"}``."""
+    # cfg.threads sets process-wide torch state: give the caller back its own thread count.
+    threads_before = torch.get_num_threads()
+    try:
+        return _run_model_bench(cfg, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None) -> dict:
     log = log or (lambda line: None)
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
