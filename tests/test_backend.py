@@ -149,11 +149,13 @@ def test_tracing_takes_reference_path():
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_auto_matches_reference_forward_and_grads(make, training):
     """Whatever auto picks on this machine (native when built, else reference) matches the
-    reference forward and every gradient."""
+    reference forward and every gradient. float64: in training, AFF's global-branch BN
+    normalises N = 2 pooled values, where float32 gradients are ill-conditioned (see
+    tests/test_native_training.py); this test is about dispatch, not rounding."""
     torch.manual_seed(1)
-    fast = make().train(training)
-    twin = _reference_twin(fast)
-    x = torch.randn(2, 32, 5, 3, requires_grad=True)
+    fast = make().double().train(training)
+    twin = _reference_twin(fast).double()
+    x = torch.randn(2, 32, 5, 3, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

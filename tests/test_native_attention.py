@@ -236,14 +236,6 @@ def test_module_gradcheck(kind):
     assert torch.autograd.gradcheck(lambda t: fn()(module, t), (x,))
 
 
-@pytest.mark.parametrize("kind", ["scaff", "sawf"])
-def test_training_mode_is_not_faked(kind):
-    cls, fn = MODULES[kind]
-    module = cls(16).train()
-    with pytest.raises(NotImplementedError, match="training mode"):
-        fn()(module, torch.randn(2, 16, 4, 4))
-
-
 def test_coordinate_attention_training_matches_reference():
     module = randomized(CoordAttention(32), torch.float64).train()
     twin = copy.deepcopy(module)

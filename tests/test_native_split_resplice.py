@@ -134,12 +134,6 @@ def test_bad_input():
         native_split_resplice(module, torch.randn(0, 16, 3, 3, dtype=torch.float64))
 
 
-def test_training_mode_is_not_faked():
-    module = SplitResplice(16, 8).train()
-    with pytest.raises(NotImplementedError, match="training mode"):
-        native_split_resplice(module, torch.randn(2, 16, 4, 4))
-
-
 # ------------------------------------------------------------------------------- CUDA
 needs_cuda_build = pytest.mark.skipif(
     not torch.cuda.is_available() or not (has_native() and __import__("saffnet_fast")

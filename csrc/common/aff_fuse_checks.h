@@ -1,6 +1,8 @@
 // Argument checks of aff_fuse / coord_scale, shared by the CPU and CUDA registrations.
 #pragma once
 
+#include <optional>
+
 #include "checks.h"
 
 namespace saffnet_fast {
@@ -28,6 +30,27 @@ inline void check_aff_args(const at::Tensor& x, const at::Tensor& a_h, const at:
   check_like(b1, {Ci}, x, op, "b1");
   check_like(w2, {C, Ci}, x, op, "w2");
   check_like(b2, {C}, x, op, "b2");
+}
+
+// aff_moments: w1 Ci×C, b1 Ci; stage 2 also w2 C×Ci and b2 C (both or neither).
+inline void check_aff_moments_args(const at::Tensor& x, const at::Tensor& a_h,
+                                   const at::Tensor& a_w, const at::Tensor& w1,
+                                   const at::Tensor& b1, const std::optional<at::Tensor>& w2,
+                                   const std::optional<at::Tensor>& b2, const char* op) {
+  check_coord_factors(x, a_h, a_w, op);
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op,
+                    ": w1: expected a Ci×C weight with C = ", C,
+                    " (the channels of x), got shape ", w1.sizes());
+  const int64_t Ci = w1.size(0);
+  check_like(w1, {Ci, C}, x, op, "w1");
+  check_like(b1, {Ci}, x, op, "b1");
+  TORCH_CHECK_VALUE(w2.has_value() == b2.has_value(), op,
+                    ": w2, b2: expected both (stage 2) or neither (stage 1)");
+  if (w2.has_value()) {
+    check_like(*w2, {C, Ci}, x, op, "w2");
+    check_like(*b2, {C}, x, op, "b2");
+  }
 }
 
 // x itself when it is densely NCHW- or NHWC-ordered (the kernels index it through its

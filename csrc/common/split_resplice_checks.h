@@ -8,14 +8,17 @@
 namespace saffnet_fast {
 
 // Returns the step widths c_j (from the weights) after checking every argument.
+// `biases` is any per-step list of c_j-vectors (the folded biases in inference, the BN γ or
+// β in training), named `biases_name` in the messages.
 inline std::vector<int64_t> check_split_resplice_args(const at::Tensor& x,
                                                       at::TensorList weights,
-                                                      at::TensorList biases) {
-  const char* op = "split_resplice";
+                                                      at::TensorList biases,
+                                                      const char* op = "split_resplice",
+                                                      const char* biases_name = "biases") {
   check_nchw(x, op, "x");
   const int64_t steps = static_cast<int64_t>(weights.size());
   TORCH_CHECK_VALUE(steps >= 1, op, ": weights: expected one 3×3 weight per step, got none");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == steps, op, ": biases: expected ",
+  TORCH_CHECK_VALUE(static_cast<int64_t>(biases.size()) == steps, op, ": ", biases_name, ": expected ",
                     steps, " tensors (one per weight), got ", biases.size());
   const int64_t C = x.size(1), splits = steps + 1;
   TORCH_CHECK_VALUE(C % splits == 0, op, ": x: expected channels divisible by splits = ", splits,
@@ -35,11 +38,11 @@ inline std::vector<int64_t> check_split_resplice_args(const at::Tensor& x,
     TORCH_CHECK_VALUE(wt.device() == x.device(), op, ": weights[", j, "]: expected device ",
                       x.device(), ", got ", wt.device());
     const at::Tensor& b = biases[j];
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == expected, op, ": biases[", j,
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == expected, op, ": ", biases_name, "[", j,
                       "]: expected shape [", expected, "], got ", b.sizes());
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), op, ": biases[", j,
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), op, ": ", biases_name, "[", j,
                      "]: expected dtype ", x.scalar_type(), ", got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.device() == x.device(), op, ": biases[", j, "]: expected device ",
+    TORCH_CHECK_VALUE(b.device() == x.device(), op, ": ", biases_name, "[", j, "]: expected device ",
                       x.device(), ", got ", b.device());
     widths.push_back(expected);
   }

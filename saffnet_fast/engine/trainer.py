@@ -170,9 +170,21 @@ class Trainer:
         generator.manual_seed(int(self.config["seed"]) * 7919 + epoch)
         workers = int(self.config["data"]["num_workers"])
         return DataLoader(self.train_set, batch_size=self.batch_size, sampler=self.sampler,
-                          num_workers=workers, collate_fn=_train_collate, drop_last=False,
+                          num_workers=workers, collate_fn=_train_collate,
+                          drop_last=self._drops_last_batch(),
                           generator=generator, persistent_workers=False,
                           pin_memory=self.device.type == "cuda")
+
+    def _drops_last_batch(self) -> bool:
+        """A trailing batch of a single sample is dropped: BatchNorm cannot train on one value
+        per channel (AFF's global branch normalises N pooled 1×1 maps, so N = 1 raises).
+        Any larger remainder is kept, as in the official HRNet loader."""
+        return self.batch_size > 1 and self.sampler.per_rank % self.batch_size == 1
+
+    def _steps_per_epoch(self) -> int:
+        if self._drops_last_batch():
+            return self.sampler.per_rank // self.batch_size
+        return math.ceil(self.sampler.per_rank / self.batch_size)
 
     def _csv_writer(self):
         path = os.path.join(self.output_dir, "train_log.csv")
@@ -237,7 +249,7 @@ class Trainer:
         try:
             while self.epoch < epochs and not stopped:
                 loader = self._loader(self.epoch)
-                steps_per_epoch = math.ceil(self.sampler.per_rank / self.batch_size)
+                steps_per_epoch = self._steps_per_epoch()
                 iterator = loader
                 if cfg.get("progress") and self.is_main:
                     from tqdm import tqdm

@@ -5,8 +5,18 @@ The C++ side (``csrc/``) defines the schemas and the CPU / CUDA kernels of every
   * a fake kernel (``torch.library.register_fake``) so ``torch.compile`` and FakeTensor
     tracing see its output shapes without running it, and
   * an autograd formula (``torch.library.register_autograd``) whose backward is itself a
-    native op (fused kernel), except split_resplice, whose backward is ATen convolution
-    gradients (no fused backward kernel yet).
+    native op (fused kernels), except the inference form of split_resplice, whose backward
+    is ATen convolution gradients.
+
+Two modes, as in ``../shared/spec/kernels.md``:
+  * inference (module.eval()): every BN folded into the adjacent convolution from its
+    running statistics; Dropout off;
+  * training: the batch statistics of every full-size BN come from a fused statistics op
+    (``aff_moments`` for AFF's local branch, inside ``split_resplice_train`` for the SR
+    steps), the BN is then applied inside the consuming fused kernel, and the running
+    statistics are updated here exactly as ``nn.BatchNorm2d`` does (momentum or cumulative
+    average, unbiased running variance, ``num_batches_tracked``). BNs that act on pooled
+    vectors (CA's bn1, AFF's global branch) run through the module's own layers.
 
 The entry points ``native_*`` take a reference module (``saffnet_fast.nn.reference``) and
 its input and compute the module's output with the native kernels. Parameters enter the
@@ -48,6 +58,10 @@ NATIVE_OPS = (
     "saffnet_fast::coord_scale_backward",
     "saffnet_fast::split_resplice",
     "saffnet_fast::split_resplice_out",
+    "saffnet_fast::aff_moments",
+    "saffnet_fast::aff_moments_backward",
+    "saffnet_fast::split_resplice_train",
+    "saffnet_fast::split_resplice_train_backward",
 )
 
 
@@ -257,6 +271,91 @@ def _register_split_resplice() -> None:
                                     setup_context=_setup)
 
 
+# ---------------------------------------------------------------------------------------
+# aff_moments: batch mean / biased variance of AFF's local_att pre-BN activations
+# ---------------------------------------------------------------------------------------
+def _register_aff_moments() -> None:
+    @torch.library.register_fake("saffnet_fast::aff_moments")
+    def _aff_moments_fake(x, a_h, a_w, w1, b1, w2, b2):
+        _check_nchw(x, "aff_moments")
+        channels = x.shape[1] if w2 is not None else w1.shape[0]
+        return x.new_empty((channels,)), x.new_empty((channels,))
+
+    @torch.library.register_fake("saffnet_fast::aff_moments_backward")
+    def _aff_moments_backward_fake(grad_mean, grad_var, x, a_h, a_w, w1, b1, w2, b2, mean):
+        n, c, h, w = x.shape
+        return (_aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w)),
+                x.new_empty(w1.shape), x.new_empty(b1.shape),
+                x.new_empty(w2.shape if w2 is not None else (0,)),
+                x.new_empty(b2.shape if b2 is not None else (0,)))
+
+    def _setup(ctx, inputs, output):
+        x, a_h, a_w, w1, b1, w2, b2 = inputs
+        ctx.stage2 = w2 is not None
+        extra = (w2, b2) if ctx.stage2 else ()
+        ctx.save_for_backward(x, a_h, a_w, w1, b1, output[0], *extra)
+
+    def _backward(ctx, grad_mean, grad_var):
+        x, a_h, a_w, w1, b1, mean, *extra = ctx.saved_tensors
+        w2, b2 = extra if ctx.stage2 else (None, None)
+        grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
+        grads = torch.ops.saffnet_fast.aff_moments_backward(
+            grad_mean.contiguous(), grad_var.contiguous(), x, a_h, a_w, w1, b1, w2, b2, mean)
+        if not ctx.stage2:
+            grads = (*grads[:5], None, None)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+    torch.library.register_autograd("saffnet_fast::aff_moments", _backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------------------
+# split_resplice_train: SR(C, s) in training mode
+# ---------------------------------------------------------------------------------------
+def _register_split_resplice_train() -> None:
+    @torch.library.register_fake("saffnet_fast::split_resplice_train")
+    def _split_resplice_train_fake(x, weights, gammas, betas, eps, negative_slope, dropout,
+                                   seed):
+        _check_nchw(x, "split_resplice_train")
+        n, c, h, w = x.shape
+        widths = [int(wt.shape[0]) for wt in weights]
+        out = x.new_empty((n, c, h, w))
+        pre = [x.new_empty((n, cj, h, w)) for cj in widths]
+        inputs = [x.new_empty((n, cj, h, w)) for cj in widths[1:]]
+        total = sum(widths)
+        return out, pre, inputs, x.new_empty((total,)), x.new_empty((total,))
+
+    @torch.library.register_fake("saffnet_fast::split_resplice_train_backward")
+    def _split_resplice_train_backward_fake(grad_out, x, weights, gammas, betas, pre, inputs,
+                                            mean, var, eps, negative_slope, dropout, seed):
+        return (x.new_empty(x.shape), [wt.new_empty(wt.shape) for wt in weights],
+                [g.new_empty(g.shape) for g in gammas], [b.new_empty(b.shape) for b in betas])
+
+    def _setup(ctx, inputs, output):
+        x, weights, gammas, betas, eps, slope, dropout, seed = inputs
+        _, pre, step_inputs, mean, var = output
+        # pre / inputs / mean / var are saved activations and statistics for backward and for
+        # the running-statistics update: not differentiable outputs.
+        ctx.mark_non_differentiable(*pre, *step_inputs, mean, var)
+        ctx.steps = len(weights)
+        ctx.save_for_backward(x, seed, mean, var, *weights, *gammas, *betas, *pre,
+                              *step_inputs)
+        ctx.eps, ctx.slope, ctx.dropout = eps, slope, dropout
+
+    def _backward(ctx, grad_out, *unused):
+        x, seed, mean, var, *rest = ctx.saved_tensors
+        s = ctx.steps
+        weights, gammas, betas = rest[:s], rest[s:2 * s], rest[2 * s:3 * s]
+        pre, step_inputs = rest[3 * s:4 * s], rest[4 * s:]
+        grad_x, grad_w, grad_g, grad_b = torch.ops.saffnet_fast.split_resplice_train_backward(
+            grad_out, x, weights, gammas, betas, pre, step_inputs, mean, var, ctx.eps,
+            ctx.slope, ctx.dropout, seed)
+        return grad_x, grad_w, grad_g, grad_b, None, None, None, None
+
+    torch.library.register_autograd("saffnet_fast::split_resplice_train", _backward,
+                                    setup_context=_setup)
+
+
 def native_coord_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(x.mean(3), x.mean(2)) of an N×C×H×W tensor from a single read of x."""
     require_native(x.device if isinstance(x, torch.Tensor) else None)
@@ -418,11 +517,85 @@ def _coord_attention_factors_eval(folded_ca: tuple, x: torch.Tensor):
     return pool_h, a[:, :h, :c].transpose(1, 2), a[:, h:, c:].transpose(1, 2)
 
 
-def _require_inference_local_att(module, name: str) -> None:
-    if module.training:
-        raise NotImplementedError(
-            f"{name}: training mode (batch statistics of AFF's local_att BNs) has no native "
-            "kernel yet; call module.eval() or use the reference backend")
+# ---------------------------------------------------------------------------------------
+# Training mode: BN with batch statistics, running statistics updated as nn.BatchNorm2d does
+# ---------------------------------------------------------------------------------------
+def _bn_uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
+    """What nn.BatchNorm2d.forward decides: batch statistics in training, or always when it
+    keeps no running statistics."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor,
+                          count: int) -> None:
+    """nn.BatchNorm2d's update from a batch's mean and biased variance over `count` values:
+    momentum (or the cumulative average when momentum is None), unbiased running variance."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        factor = bn.momentum
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if factor is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+        elif factor is None:
+            factor = 0.0
+        bn.running_mean.mul_(1.0 - factor).add_(mean.detach(), alpha=factor)
+        bn.running_var.mul_(1.0 - factor).add_(var.detach(), alpha=factor * count / (count - 1))
+
+
+def _batch_scale_shift(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor):
+    """(scale, shift) with BN(v) = v·scale + shift for the batch statistics (differentiable:
+    gradients reach the statistics and γ, β)."""
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+def _check_batch_count(bn: nn.BatchNorm2d, count: int, shape) -> None:
+    if count <= 1:  # the message nn.BatchNorm2d gives
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+
+
+def _local_att_train(aff, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor) -> tuple:
+    """(w1, b1, w2, b2) of AFF's local_att for aff_fuse in training mode: each BN folded
+    from the batch statistics of its input, which aff_moments computes from x (the pre-BN
+    activations are never stored); the running statistics are updated."""
+    local = aff.local_att
+    conv1, bn1, conv2, bn2 = local[0], local[1], local[3], local[4]
+    n, _, h, w = x.shape
+    count = n * h * w
+    w1, cb1 = _linear(conv1)
+    cb1 = w1.new_zeros(w1.shape[0]) if cb1 is None else cb1
+    if _bn_uses_batch_stats(bn1):
+        _check_batch_count(bn1, count, (n, w1.shape[0], h, w))
+        mean1, var1 = torch.ops.saffnet_fast.aff_moments(x, a_h, a_w, w1, cb1, None, None)
+        _update_running_stats(bn1, mean1, var1, count)
+        scale1, shift1 = _batch_scale_shift(bn1, mean1, var1)
+        w1, b1 = w1 * scale1[:, None], cb1 * scale1 + shift1
+    else:
+        w1, b1 = _fold_bn(conv1, bn1)
+    w2, cb2 = _linear(conv2)
+    cb2 = w2.new_zeros(w2.shape[0]) if cb2 is None else cb2
+    if _bn_uses_batch_stats(bn2):
+        mean2, var2 = torch.ops.saffnet_fast.aff_moments(x, a_h, a_w, w1, b1, w2, cb2)
+        _update_running_stats(bn2, mean2, var2, count)
+        scale2, shift2 = _batch_scale_shift(bn2, mean2, var2)
+        w2, b2 = w2 * scale2[:, None], cb2 * scale2 + shift2
+    else:
+        w2, b2 = _fold_bn(conv2, bn2)
+    return w1, b1, w2, b2
+
+
+def _global_logit_modules(aff, pooled: torch.Tensor) -> torch.Tensor:
+    """AFF's global_att on the already pooled N×C mean of its xa, through the module's own
+    layers (so its BNs behave exactly as in the reference in either mode)."""
+    return aff.global_att[1:](pooled[:, :, None, None]).flatten(1)
 
 
 def native_coordinate_attention(module, x: torch.Tensor) -> torch.Tensor:
@@ -440,16 +613,26 @@ def _scaff_folded(module) -> tuple:
 
 
 def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
-    """SCAFF(x) = AFF(CA(x), x), inference mode (module.eval()).
+    """SCAFF(x) = AFF(CA(x), x), either mode.
 
-    Passes over the N×C×H×W tensor: coord_pool (read x), the global-branch mean
-    mean_hw(x·(1 + a_h·a_w)) = mean_h(pool_h + a_h·(x @ a_w)/W) as one batched matvec (read
-    x), aff_fuse (read x, write out): 3 reads + 1 write; no full-size intermediate. Every BN
-    is folded (cached per module when no gradient reaches the parameters).
+    Inference: passes over the N×C×H×W tensor are coord_pool (read x), the global-branch
+    mean mean_hw(x·(1 + a_h·a_w)) = mean_h(pool_h + a_h·(x @ a_w)/W) as one batched matvec
+    (read x), aff_fuse (read x, write out): 3 reads + 1 write; no full-size intermediate.
+    Every BN is folded (cached per module when no gradient reaches the parameters).
+
+    Training: the same, plus two aff_moments passes (read x each) for the batch statistics
+    of local_att's two BNs, which aff_fuse then applies; 5 reads + 1 write. CA's bn1 and
+    the global branch's BNs act on pooled vectors and run through the module's layers.
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
-    _require_inference_local_att(module, "native_scaff")
+    if module.training:
+        pool_h, a_h, a_w = _coord_attention_factors(module.ca, x)
+        weighted = torch.matmul(x, a_w.contiguous().unsqueeze(-1)).squeeze(-1)
+        pooled = torch.addcmul(pool_h, a_h, weighted, value=1.0 / x.shape[3]).mean(dim=2)
+        global_logit = _global_logit_modules(module.aff, pooled)
+        local = _local_att_train(module.aff, x, a_h, a_w)
+        return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *local)
     folded_ca, folded_aff = _scaff_folded(module)
     pool_h, a_h, a_w = _coord_attention_factors_eval(folded_ca, x)
     # N×C×H: Σ_w x·a_w (a_w made contiguous: 2× faster batched matvec, and it is tiny)
@@ -474,21 +657,34 @@ def _sawf_folded(module) -> tuple:
     return _folded_params(module, lambda: (_fold_se_plus(module.se), _fold_aff(module.aff)))
 
 
+def _se_plus_gate(folded_se: tuple, s: torch.Tensor) -> torch.Tensor:
+    fc1t, b1, fc2t, fc_avgt, b_out = folded_se
+    hidden = torch.addmm(b1, s, fc1t).relu()
+    return torch.addmm(torch.addmm(b_out, s, fc_avgt), hidden, fc2t).sigmoid()
+
+
 def native_sawf(module, x: torch.Tensor) -> torch.Tensor:
-    """SAWF(x) = AFF(SE+(x), x), inference mode (module.eval()).
+    """SAWF(x) = AFF(SE+(x), x), either mode.
 
     SE+'s gate depends on x only through s = mean_hw(x), and AFF's global input is
     mean_hw(x·(1 + gate)) = s·(1 + gate): passes over the tensor are x.mean (read x) and
     aff_fuse (read x, write out), with m = gate broadcast (a_h = gate over H, a_w = 1).
+    Training adds two aff_moments passes (read x each) for local_att's batch statistics;
+    SE+ has no BN, and the global branch's BNs run through the module's layers.
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
-    _require_inference_local_att(module, "native_sawf")
     n, c, h, w = x.shape
-    (fc1t, b1, fc2t, fc_avgt, b_out), folded_aff = _sawf_folded(module)
     s = x.mean(dim=(2, 3))
-    hidden = torch.addmm(b1, s, fc1t).relu_()
-    gate = torch.addmm(torch.addmm(b_out, s, fc_avgt), hidden, fc2t).sigmoid_()
+    if module.training:
+        gate = _se_plus_gate(_fold_se_plus(module.se), s)
+        a_h = gate.unsqueeze(-1).expand(n, c, h)
+        a_w = gate.new_ones(()).expand(n, c, w)
+        global_logit = _global_logit_modules(module.aff, torch.addcmul(s, s, gate))
+        local = _local_att_train(module.aff, x, a_h, a_w)
+        return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *local)
+    folded_se, folded_aff = _sawf_folded(module)
+    gate = _se_plus_gate(folded_se, s)
     global_logit = _global_logit(folded_aff, torch.addcmul(s, s, gate))
     a_h = gate.unsqueeze(-1).expand(n, c, h)
     a_w = gate.new_ones(()).expand(n, c, w)
@@ -504,23 +700,59 @@ def _fold_split_resplice(module) -> tuple:
     return weights, biases
 
 
-def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
-    """SplitResplice(x) in inference mode (module.eval(): BN folded, Dropout the identity).
+def _split_resplice_train(module, x: torch.Tensor, slope: float) -> torch.Tensor:
+    """SplitResplice(x) in training mode: one split_resplice_train op (per step: ATen conv,
+    fused statistics pass, fused BN + LeakyReLU + dropout pass writing into the output slice
+    and the next step's input; fused backward), then nn.BatchNorm2d's running-statistics
+    update from the returned batch statistics."""
+    steps = module.steps
+    bns = [step.bn for step in steps]
+    if any(step.conv.bias is not None for step in steps):
+        raise NotImplementedError("native_split_resplice: training mode expects the FC "
+                                  "convolutions without bias (as SplitResplice builds them)")
+    if not all(_bn_uses_batch_stats(bn) for bn in bns):
+        raise NotImplementedError("native_split_resplice: training mode with some step BNs in "
+                                  "eval mode (frozen statistics) has no native kernel")
+    eps = {float(bn.eps) for bn in bns}
+    rates = {float(step.drop.p) if step.drop.training else 0.0 for step in steps}
+    if len(eps) != 1 or len(rates) != 1:
+        raise NotImplementedError("native_split_resplice: needs one BN eps and one dropout rate "
+                                  f"for all steps, got eps {eps}, dropout {rates}")
+    n, _, h, w = x.shape
+    count = n * h * w
+    _check_batch_count(bns[0], count, x.shape)
+    p = rates.pop()
+    # The dropout seed is drawn from torch's default CPU generator, so torch.manual_seed
+    # makes training runs repeatable; a 0-d tensor so torch.compile traces it.
+    seed = (torch.randint(0, 2 ** 62, (), dtype=torch.int64) if p > 0
+            else torch.zeros((), dtype=torch.int64))
+    weights = [step.conv.weight for step in steps]
+    gammas = [bn.weight if bn.weight is not None else x.new_ones(bn.num_features) for bn in bns]
+    betas = [bn.bias if bn.bias is not None else x.new_zeros(bn.num_features) for bn in bns]
+    out, _, _, mean, var = torch.ops.saffnet_fast.split_resplice_train(
+        x, weights, gammas, betas, eps.pop(), slope, p, seed)
+    widths = [bn.num_features for bn in bns]
+    for bn, mean_j, var_j in zip(bns, mean.split(widths), var.split(widths)):
+        _update_running_stats(bn, mean_j, var_j, count)
+    return out
 
-    One native op: the 7 (for s = 8) conv3×3 + BN + LeakyReLU steps, each writing its kept
-    channels straight into their slice of the output. Its backward is ATen convolution
-    gradients (see _register_split_resplice), not a fused kernel.
+
+def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
+    """SplitResplice(x), either mode.
+
+    Inference (module.eval(): BN folded, Dropout the identity): one native op, the 7 (for
+    s = 8) conv3×3 + BN + LeakyReLU steps, each writing its kept channels straight into its
+    slice of the output; its backward is ATen convolution gradients.
+    Training: see _split_resplice_train.
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
-    if module.training:
-        raise NotImplementedError(
-            "native_split_resplice: training mode (BN batch statistics, dropout) has no native "
-            "kernel yet; call module.eval() or use the reference backend")
     slopes = {float(step.negative_slope) for step in module.steps}
     if len(slopes) != 1 or min(slopes) < 0:
         raise NotImplementedError(
             f"native_split_resplice: needs one negative_slope ≥ 0 for all steps, got {slopes}")
+    if module.training:
+        return _split_resplice_train(module, x, slopes.pop())
     weights, biases = _folded_params(module, lambda: _fold_split_resplice(module))
     out, _ = torch.ops.saffnet_fast.split_resplice(x, weights, biases, slopes.pop())
     return out
@@ -531,3 +763,5 @@ if has_native():
     _register_aff_fuse()
     _register_coord_scale()
     _register_split_resplice()
+    _register_aff_moments()
+    _register_split_resplice_train()

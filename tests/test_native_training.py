@@ -1,0 +1,461 @@
+"""Native training mode against the reference modules (spec/kernels.md, "Training").
+
+Every full-size BN in training uses batch statistics from a fused statistics pass
+(aff_moments for AFF's local branch, inside split_resplice_train for the SR steps); these
+tests check the forward, every gradient (input, weights, BN affine) and the running
+statistics after a step against the reference in train mode, the ops themselves
+(gradcheck, opcheck, bad input), and the counter-based dropout of split_resplice_train.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from saffnet_fast import has_native
+from saffnet_fast.nn.reference import SAWF, SCAFF, SplitResplice
+
+from parity_utils import rel_err
+
+pytestmark = pytest.mark.skipif(not has_native(),
+                                reason="saffnet_fast._C not built (pip install -e .)")
+
+if has_native():
+    from saffnet_fast.ops.native import native_sawf, native_scaff, native_split_resplice
+
+    OPS = torch.ops.saffnet_fast
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def randomized(module: torch.nn.Module, dtype, seed=0) -> torch.nn.Module:
+    """Non-trivial BN affine parameters and running statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return module.to(dtype).train()
+
+
+def _scaled_err(got, want, total) -> float:
+    """rel_err, except that a gradient which is exactly zero in exact arithmetic (the bias of
+    a convolution feeding a training-mode BN: the batch mean cancels it) is rounding noise
+    and is measured against the overall gradient scale `total`."""
+    want_norm = want.detach().double().norm()
+    if want_norm <= 1e-5 * total:
+        return float((got.detach().double() - want.detach().double()).norm() / total)
+    return rel_err(got, want)
+
+
+def assert_running_stats_match(module, twin, tol):
+    for (name, got), (_, want) in zip(module.named_buffers(), twin.named_buffers()):
+        if name.endswith("num_batches_tracked"):
+            assert int(got) == int(want), name
+        elif name.endswith("running_mean"):
+            # a batch mean can be ~0 by construction (the input of a BN is another BN's
+            # output): compare on the scale of the channel's spread
+            var = twin.get_buffer(name[:-len("running_mean")] + "running_var")
+            assert ((got.double() - want.double()).abs() / var.double().sqrt()).max() < tol, name
+        else:
+            assert rel_err(got, want) < tol, name
+
+
+def _forward_backward(module, fn, x, grad):
+    x = x.clone().requires_grad_(True)
+    out = fn(module, x)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(out, [x] + params, grad.to(out.dtype), allow_unused=True)
+    return [out, *grads]
+
+
+def train_step_parity(module, fn, x, dtype):
+    """One training forward + backward of native fn(module, ·) against the reference twin:
+    the output, the gradient of x and of every parameter, and the running statistics.
+
+    float64: native vs reference < 1e-10. float32: both are compared with a float64 run of
+    the reference (the truth), and native must be within 1e-5 or within 4× the float32
+    reference's own error, whichever is larger: gradients through a training BN over few
+    values (AFF's global branch normalises N pooled values) are ill-conditioned, and the
+    float32 reference itself is off by up to ~2e-5 at N = 3.
+    """
+    twin = copy.deepcopy(module)
+    exact = copy.deepcopy(module).double()
+    names = ["out", "x"] + [n for n, _ in module.named_parameters()]
+    grad = torch.randn(x.shape, dtype=torch.float64)  # every module here keeps x's shape
+    got = _forward_backward(module, fn, x, grad)
+    want = _forward_backward(twin, lambda m, t: m(t), x, grad)
+    if dtype == torch.float64:
+        truth = want
+    else:
+        truth = _forward_backward(exact, lambda m, t: m(t), x.double(), grad)
+    total = torch.sqrt(sum(t.detach().double().norm() ** 2 for t in truth[2:] if t is not None))
+    for g, w, t, name in zip(got, want, truth, names):
+        assert (g is None) == (w is None), name
+        if g is None:
+            continue
+        if dtype == torch.float64:
+            err, bound = _scaled_err(g, w, total), TOL[dtype]
+        else:
+            err = _scaled_err(g, t, total)
+            bound = max(TOL[dtype], 4 * _scaled_err(w, t, total))
+        assert err < bound, f"{name}: {err:.3g} ≥ {bound:.3g}"
+    assert_running_stats_match(module, twin, TOL[dtype])
+
+
+# ------------------------------------------------------------------------------ modules
+ATTENTION = {"scaff": (SCAFF, lambda: native_scaff), "sawf": (SAWF, lambda: native_sawf)}
+# AFF's global branch has a BN over the N pooled maps: training needs N ≥ 2, as in the
+# reference. With N = 2 that BN (and a local BN over N·H·W = 2 values) is ill-conditioned:
+# its gradients amplify rounding by orders of magnitude, so the float32 reference itself is
+# off by up to 1e-3 there (measured against float64) and float32 parity says nothing.
+# float32 therefore runs with N ≥ 3, where native's error measured at most 1.9× the float32
+# reference's own over 40 random cases; N = 2 is covered in float64.
+ATTENTION_CASES = (
+    [(shape, torch.float64) for shape in [(2, 32, 7, 5), (2, 12, 17, 3), (2, 16, 1, 3),
+                                          (3, 64, 4, 9), (4, 128, 2, 3)]]
+    + [(shape, torch.float32) for shape in [(3, 32, 7, 5), (3, 12, 17, 3), (4, 16, 1, 3),
+                                            (3, 64, 4, 9), (4, 128, 2, 3)]])
+
+
+@pytest.mark.parametrize("shape, dtype", ATTENTION_CASES)
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_attention_training_parity(kind, shape, dtype):
+    cls, fn = ATTENTION[kind]
+    torch.manual_seed(1)
+    module = randomized(cls(shape[1]), dtype)
+    train_step_parity(module, fn(), torch.randn(shape, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_attention_training_layouts(kind, layout):
+    cls, fn = ATTENTION[kind]
+    module = randomized(cls(16), torch.float64)
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(2, 20, 5, 12, dtype=torch.float64)[:, 2:-2, :, ::2]
+    train_step_parity(module, fn(), x, torch.float64)
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_attention_training_momentum_none_and_repeated_steps(kind):
+    """Cumulative-average running statistics (momentum=None) over three steps."""
+    cls, fn = ATTENTION[kind]
+    module = randomized(cls(16), torch.float64)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    twin = copy.deepcopy(module)
+    for _ in range(3):
+        x = torch.randn(2, 16, 4, 5, dtype=torch.float64)
+        assert rel_err(fn()(module, x), twin(x)) < 1e-10
+    assert_running_stats_match(module, twin, 1e-10)
+
+
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_attention_training_gradcheck(kind):
+    cls, fn = ATTENTION[kind]
+    module = randomized(cls(8), torch.float64, seed=3)
+    for m in module.modules():  # gradcheck calls forward many times: keep statistics fixed
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fn()(module, t), (x,))
+
+
+SR_SHAPES = [((2, 32, 6, 5), 8), ((1, 64, 3, 17), 8), ((3, 12, 5, 7), 4), ((2, 6, 1, 3), 2),
+             ((1, 24, 9, 1), 3), ((2, 128, 4, 4), 8)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, splits", SR_SHAPES)
+def test_split_resplice_training_parity(shape, splits, dtype):
+    torch.manual_seed(2)
+    module = randomized(SplitResplice(shape[1], splits, dropout=0.0), dtype)
+    train_step_parity(module, native_split_resplice, torch.randn(shape, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_split_resplice_training_layouts(layout):
+    module = randomized(SplitResplice(16, 4, dropout=0.0), torch.float64)
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(2, 20, 5, 12, dtype=torch.float64)[:, 2:-2, :, ::2]
+    train_step_parity(module, native_split_resplice, x, torch.float64)
+
+
+def test_split_resplice_training_needs_more_than_one_value_per_channel():
+    module = SplitResplice(16, 4, dropout=0.0).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        native_split_resplice(module, torch.randn(1, 16, 1, 1))
+
+
+# ------------------------------------------------------------------------------ dropout
+def sr_args(n=2, c=16, h=5, w=7, splits=4, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    module = SplitResplice(c, splits)
+    widths = module.widths
+    x = torch.randn(n, c, h, w, dtype=dtype, generator=gen)
+    weights = [torch.randn(cj, cj, 3, 3, dtype=dtype, generator=gen) * 0.3 for cj in widths]
+    gammas = [torch.rand(cj, dtype=dtype, generator=gen) + 0.5 for cj in widths]
+    betas = [torch.rand(cj, dtype=dtype, generator=gen) - 0.5 for cj in widths]
+    return x, weights, gammas, betas
+
+
+def test_dropout_mask_is_a_function_of_the_seed():
+    x, weights, gammas, betas = sr_args(n=4, h=16, w=16)
+    seed = torch.tensor(1234)
+    a = OPS.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, 0.3, seed)[0]
+    b = OPS.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, 0.3, seed)[0]
+    c = OPS.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, 0.3, torch.tensor(99))[0]
+    full = OPS.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, 0.0, seed)[0]
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    w0 = 4
+    # the first step writes out channels 4..7 from full-precision y / (1 − p) or 0
+    step0 = a[:, w0:w0 + 2]
+    kept = step0 != 0
+    ref0 = full[:, w0:w0 + 2]
+    assert torch.allclose(step0[kept], ref0[kept] / 0.7, rtol=1e-12, atol=0)
+    dropped = 1 - kept.double().mean().item()
+    assert 0.2 < dropped < 0.4  # 2·4·16·16 = 2048 draws at p = 0.3
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_split_resplice_train_gradcheck(p):
+    """The op as a function of every input for a fixed seed: the backward regenerates the
+    forward's dropout mask (a different mask would fail here)."""
+    x, weights, gammas, betas = sr_args(n=2, c=8, h=3, w=4, splits=4)
+    seed = torch.tensor(7)
+    inputs = [x, *weights, *gammas, *betas]
+    for t in inputs:
+        t.requires_grad_(True)
+    s = len(weights)
+
+    def fn(x, *rest):
+        return OPS.split_resplice_train(x, list(rest[:s]), list(rest[s:2 * s]),
+                                        list(rest[2 * s:]), 1e-5, 0.1, p, seed)[0]
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+
+
+def test_split_resplice_module_dropout_trains_and_is_repeatable():
+    module = SplitResplice(16, 4, dropout=0.2).train().double()
+    x = torch.randn(2, 16, 6, 6, dtype=torch.float64)
+    torch.manual_seed(5)
+    a = native_split_resplice(copy.deepcopy(module), x)
+    torch.manual_seed(5)
+    b = native_split_resplice(copy.deepcopy(module), x)
+    c = native_split_resplice(copy.deepcopy(module), x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a[:, 4:] == 0).any() and (a[:, :4] == x[:, :4]).all()
+
+
+# ------------------------------------------------------------------------------ ops
+def aff_moments_args(n=2, c=6, h=3, w=4, ci=2, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, dtype=dtype, generator=gen)
+    a_h = torch.rand(n, c, h, dtype=dtype, generator=gen)
+    a_w = torch.rand(n, c, w, dtype=dtype, generator=gen)
+    w1 = torch.randn(ci, c, dtype=dtype, generator=gen)
+    b1 = torch.randn(ci, dtype=dtype, generator=gen)
+    w2 = torch.randn(c, ci, dtype=dtype, generator=gen)
+    b2 = torch.randn(c, dtype=dtype, generator=gen)
+    return x, a_h, a_w, w1, b1, w2, b2
+
+
+def aff_moments_reference(x, a_h, a_w, w1, b1, w2, b2):
+    t = x * (1 + a_h[..., None] * a_w[:, :, None, :])
+    y = torch.einsum("jc,nchw->njhw", w1, t) + b1[:, None, None]
+    if w2 is not None:
+        y = torch.einsum("cj,njhw->nchw", w2, y.relu()) + b2[:, None, None]
+    return y.mean(dim=(0, 2, 3)), y.var(dim=(0, 2, 3), unbiased=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4, 2), (1, 64, 17, 3, 16), (3, 32, 1, 5, 8),
+                                   (2, 12, 40, 40, 3)])
+def test_aff_moments_parity(shape, stage, dtype):
+    args = list(aff_moments_args(*shape, dtype=dtype))
+    if stage == 1:
+        args[5] = args[6] = None
+    for got, want in zip(OPS.aff_moments(*args), aff_moments_reference(*args)):
+        assert rel_err(got, want) < TOL[dtype]
+
+
+def test_aff_moments_nearly_constant_channel_float32():
+    """Variance of a channel with a large mean and a tiny spread (where Σy² − (Σy)²/n in
+    float32 loses everything): the kernel's merged centred sums keep it."""
+    x, a_h, a_w, w1, b1, _, _ = aff_moments_args(n=4, c=8, h=32, w=32, ci=2, dtype=torch.float64)
+    x = 1000 + 1e-2 * x
+    mean, var = aff_moments_reference(x, a_h, a_w, w1, b1, None, None)
+    got_mean, got_var = OPS.aff_moments(*(t.float() for t in (x, a_h, a_w, w1, b1)), None, None)
+    assert rel_err(got_mean, mean) < 1e-6
+    assert rel_err(got_var, var) < 1e-3
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_aff_moments_gradcheck_and_layouts(stage):
+    x, a_h, a_w, w1, b1, w2, b2 = aff_moments_args()
+    if stage == 1:
+        w2 = b2 = None
+    inputs = [t.requires_grad_(True) for t in (x, a_h, a_w, w1, b1) + ((w2, b2) if w2 is not None else ())]
+
+    def fn(*ts):
+        extra = ts[5:] if stage == 2 else (None, None)
+        mean, var = OPS.aff_moments(*ts[:5], *extra)
+        return mean, var
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
+    # channels_last x, expanded factors: same statistics
+    xcl = x.detach().to(memory_format=torch.channels_last)
+    ah_exp = a_h.detach()[:, :, :1].expand_as(a_h)
+    want = aff_moments_reference(xcl, ah_exp, a_w.detach(), w1.detach(), b1.detach(),
+                                 None if w2 is None else w2.detach(),
+                                 None if b2 is None else b2.detach())
+    got = OPS.aff_moments(xcl, ah_exp, a_w.detach(), w1.detach(), b1.detach(),
+                          None if w2 is None else w2.detach(), None if b2 is None else b2.detach())
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-10
+
+
+def test_opcheck_training_ops():
+    x, a_h, a_w, w1, b1, w2, b2 = aff_moments_args()
+    for args in [(x, a_h, a_w, w1, b1, w2, b2), (x, a_h, a_w, w1, b1, None, None)]:
+        args = tuple(t.requires_grad_(True) if t is not None else None for t in args)
+        torch.library.opcheck(OPS.aff_moments.default, args)
+    x, weights, gammas, betas = sr_args(n=2, c=8, h=3, w=4, splits=4)
+    for t in [x, *weights, *gammas, *betas]:
+        t.requires_grad_(True)
+    torch.library.opcheck(OPS.split_resplice_train.default,
+                          (x, weights, gammas, betas, 1e-5, 0.1, 0.2, torch.tensor(3)))
+
+
+@pytest.mark.parametrize("mutate, exc, words", [
+    (lambda a: a.__setitem__(3, a[3][:, :5]), ValueError, "w1"),
+    (lambda a: a.__setitem__(5, None), ValueError, "both"),
+    (lambda a: a.__setitem__(1, a[1][:, :, :2]), ValueError, "a_h"),
+    (lambda a: a.__setitem__(0, a[0].float()), TypeError, "dtype"),
+    (lambda a: a.__setitem__(0, a[0][0]), ValueError, "4-D"),
+])
+def test_aff_moments_bad_input(mutate, exc, words):
+    args = list(aff_moments_args())
+    mutate(args)
+    with pytest.raises(exc, match=words):
+        OPS.aff_moments(*args)
+
+
+@pytest.mark.parametrize("mutate, exc, words", [
+    (lambda a: a.__setitem__(2, a[2][:-1]), ValueError, "gammas"),
+    (lambda a: a.__setitem__(3, [b[:-1] for b in a[3]]), ValueError, "betas"),
+    (lambda a: a.__setitem__(4, -1.0), ValueError, "eps"),
+    (lambda a: a.__setitem__(6, 1.0), ValueError, "dropout"),
+    (lambda a: a.__setitem__(7, torch.tensor(1.5)), ValueError, "seed"),
+    (lambda a: a.__setitem__(0, a[0][:, :15]), ValueError, "divisible"),
+])
+def test_split_resplice_train_bad_input(mutate, exc, words):
+    x, weights, gammas, betas = sr_args()
+    args = [x, weights, gammas, betas, 1e-5, 0.1, 0.1, torch.tensor(0)]
+    mutate(args)
+    with pytest.raises(exc, match=words):
+        OPS.split_resplice_train(*args)
+
+
+# ------------------------------------------------------------------------------ compile
+@pytest.mark.parametrize("kind", ["scaff", "sawf", "sr"])
+def test_torch_compile_fullgraph_training(kind):
+    if kind == "sr":
+        module, fn = randomized(SplitResplice(16, 4, dropout=0.0), torch.float32), native_split_resplice
+    else:
+        cls, get = ATTENTION[kind]
+        module, fn = randomized(cls(16), torch.float32), get()
+    twin = copy.deepcopy(module)
+    compiled = torch.compile(lambda t: fn(module, t), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 16, 5, 4)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, ref = compiled(x1), twin(x2)
+    assert rel_err(out, ref) < 1e-5
+    out.sum().backward()
+    ref.sum().backward()
+    assert rel_err(x1.grad, x2.grad) < 1e-5
+    assert_running_stats_match(module, twin, 1e-5)
+
+
+# ------------------------------------------------------------------------------ model
+@pytest.fixture(scope="module")
+def saffnet_pair():
+    from saffnet_fast.convert import convert
+    from saffnet_fast.models import build_model
+
+    torch.manual_seed(0)
+    reference = build_model("saffnet", num_joints=17, input_size=(64, 48),
+                            backend="reference", dropout=0.0).train()
+    native = convert(copy.deepcopy(reference), backend="native").train()
+    return reference, native
+
+
+def _model_step(model, x, grad):
+    out = model(x)
+    out.backward(grad.to(out.dtype))
+    return [out] + [p.grad for p in model.parameters()]
+
+
+def test_whole_saffnet_training_step_matches_reference(saffnet_pair):
+    """Issue #3's acceptance check: the whole SAFFNet forward and backward with the native
+    backend in training mode (CPU, dropout off) against the reference, on the output, every
+    parameter gradient (500+) and every BN's running statistics after the step.
+
+    float64: native vs reference < 1e-9. float32: output within 1e-4 of the float32
+    reference; each gradient within 1e-4 of the float64 reference, or within 2× the float32
+    reference's own error, whichever is larger. At initialisation with every BN in batch
+    statistics the float32 reference itself is off by up to 1.6e-2 on some BN-affine
+    gradients (measured against float64), so 1e-4 against it cannot hold for any
+    implementation that does not round exactly as it does; native's error there measured
+    the same as the reference's own.
+    """
+    reference, native = saffnet_pair
+    names = ["out"] + [n for n, _ in reference.named_parameters()]
+    x = torch.randn(8, 3, 64, 48, dtype=torch.float64)
+    grad = torch.randn(8, 17, 16, 12, dtype=torch.float64)
+    ref64, nat64 = copy.deepcopy(reference).double(), copy.deepcopy(native).double()
+    truth, got64 = _model_step(ref64, x, grad), _model_step(nat64, x, grad)
+    ref32, nat32 = copy.deepcopy(reference), copy.deepcopy(native)
+    want32, got32 = _model_step(ref32, x.float(), grad), _model_step(nat32, x.float(), grad)
+    total = torch.sqrt(sum(t.norm() ** 2 for t in truth[1:] if t is not None))
+    assert rel_err(got32[0], want32[0]) < 1e-4
+    checked = 0
+    for name, t, g64, g32, w32 in zip(names, truth, got64, got32, want32):
+        assert (t is None) == (g64 is None) == (g32 is None), name
+        if t is None:
+            continue
+        assert _scaled_err(g64, t, total) < 1e-9, name
+        bound = max(1e-4, 2 * _scaled_err(w32, t, total))
+        assert _scaled_err(g32, t, total) < bound, name
+        checked += 1
+    assert checked > 500  # every parameter of the model, not a subset
+    assert_running_stats_match(nat64, ref64, 1e-9)
+    assert_running_stats_match(nat32, ref32, 1e-4)
+
+
+def test_whole_saffnet_compiled_fullgraph_training_matches_reference(saffnet_pair):
+    reference, native = (copy.deepcopy(m) for m in saffnet_pair)
+    x = torch.randn(3, 3, 64, 48, dtype=torch.float64)
+    reference, native = reference.double(), native.double()
+    compiled = torch.compile(native, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(x), reference(x)
+    assert rel_err(out, ref) < 1e-9
+    out.sum().backward()
+    ref.sum().backward()
+    w_got = native.get_parameter("stem_scaff.aff.local_att.0.weight").grad
+    w_ref = reference.get_parameter("stem_scaff.aff.local_att.0.weight").grad
+    assert rel_err(w_got, w_ref) < 1e-9
+    assert_running_stats_match(native, reference, 1e-9)
