@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -66,7 +67,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.stash[RESULTS_KEY] = []
+    config.stash[RESULTS_KEY] = _SummaryRecords(config)
     threads = os.environ.get("SAFFNET_BENCH_THREADS")
     if threads:
         # On a CPU shared with other jobs, fewer OpenMP threads avoid barrier stalls.
@@ -187,6 +188,35 @@ def copy_bandwidth(pytestconfig, device) -> float | None:
     return bench.measure_copy_bandwidth(device)
 
 
+class _SummaryRecords(list):
+    """The timed records; with --bench-summary-json each append rewrites the summary file
+    (atomically), so a run stopped by a time limit keeps every benchmark that finished (a
+    lent GPU's 10-minute calls cut the first GPU run's op benchmarks off before their end)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def append(self, record: dict) -> None:
+        super().append(record)
+        write_summary(self.config, self)
+
+
+def write_summary(config, records: list) -> Optional[Path]:
+    path = config.getoption("bench_summary_json", None)
+    if not path or not records:
+        return None
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": bench.RESULT_SCHEMA, "kind": "ops",
+           "meta": bench.machine_info(torch.device(records[0]["device"])),
+           "matrix": bench_matrix(config), "results": speedup_table(records)}
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
 @pytest.fixture
 def bench_results(pytestconfig) -> list:
     """Append one record per timed benchmark; summarised at the end of the session."""
@@ -197,19 +227,11 @@ def pytest_terminal_summary(terminalreporter, config):
     collected = config.stash.get(RESULTS_KEY, [])
     if not collected:
         return
-    table = speedup_table(collected)
     terminalreporter.section("saffnet_fast fused-op speedups")
-    for line in format_speedups(table):
+    for line in format_speedups(speedup_table(collected)):
         terminalreporter.write_line(line)
-    path = config.getoption("bench_summary_json", None)
-    if path:
-        dev = torch.device(collected[0]["device"])
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"schema": bench.RESULT_SCHEMA, "kind": "ops",
-                                   "meta": bench.machine_info(dev),
-                                   "matrix": bench_matrix(config), "results": table},
-                                  indent=2) + "\n", encoding="utf-8")
+    out = write_summary(config, collected)
+    if out is not None:
         terminalreporter.write_line(f"summary written to {out}")
 
 

@@ -23,7 +23,8 @@
 # Environment: OUT, PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0),
 #   BENCH_MAX_TIME (pytest-benchmark seconds per test, default 0.25), OPS_MATRIX (matrix of
 #   the ops phase, default spec), BENCH_DEVICE (default cuda; cpu only for a dry run),
-#   SAFFNET_BENCH_PROVIDERS (e.g. reference,native,triton to leave compile out).
+#   SAFFNET_BENCH_PROVIDERS (e.g. reference,native,triton to leave compile out),
+#   PYTEST_ARGS (extra arguments of the test phase, e.g. "-n 8").
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -58,15 +59,36 @@ keep() {  # copy result files to benchmarks/results (committed by the lead)
 
 phase_build() {
     log "nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1)"
+    # The lent machine's default compiler (CC/CXX = /opt/gcc/bin/gcc, a wrapper around gcc
+    # 13.3) built an extension with no dynamic libstdc++ dependency, and every C++ exception
+    # it threw (the argument checks) killed the interpreter with SIGSEGV (2026-11-24, H100).
+    # Build with the system gcc 12 where it is there; exception_check below verifies.
+    if [ -z "${SAFFNET_KEEP_CXX:-}" ] && [ -x /usr/bin/g++-12 ] && [ -x /usr/bin/gcc-12 ]; then
+        export CC=/usr/bin/gcc-12 CXX=/usr/bin/g++-12
+    fi
+    log "compiler: CC=${CC:-default} CXX=${CXX:-default}"
     # --no-deps: the machine has no network, and pycocotools is not installed there.
     step build env FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+    log "libraries: $(ldd saffnet_fast/_C*.so | grep -oE 'lib(stdc\+\+|gcc_s|gomp)[^ ]*' | tr '\n' ' ')"
+    step exception_check "$PY" -c "
+import torch, saffnet_fast.ops.native
+try:
+    torch.ops.saffnet_fast.coord_pool(torch.randn(2, 3))
+except ValueError as exc:
+    print('a C++ argument error reaches Python:', str(exc).splitlines()[0][:100])
+else:
+    raise SystemExit('coord_pool accepted a 2-D tensor')"
     step info "$PY" -m saffnet_fast.cli.main info --json
     cp "$OUT/info.log" "$OUT/info.json" 2>/dev/null
 }
 
 phase_test() {
-    step parity "$PY" -m pytest tests -k "cuda or triton" -q -rs -p no:cacheprovider \
-        --junitxml="$OUT/parity-junit.xml"
+    # PYTEST_ARGS: e.g. "-n 8" (pytest-xdist is on the lent machine) to use its 16 cores
+    # shellcheck disable=SC2086
+    # -v: each test's name and outcome is in the log as it finishes (a run stopped by the
+    # call's time limit prints no summary)
+    step parity "$PY" -m pytest tests -k "cuda or triton" -v -rs -p no:cacheprovider \
+        --junitxml="$OUT/parity-junit.xml" ${PYTEST_ARGS:-}
 }
 
 ops_run() {  # ops_run MATRIX OP

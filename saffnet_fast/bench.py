@@ -850,17 +850,22 @@ def _add_speedups(records: list[dict]) -> None:
                 rec[key] = ref["median_s"] / rec["median_s"] if ok else None
 
 
-def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Time every requested provider; return ``{"schema", "meta", "config", "results"}``."""
+def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None,
+                    on_partial: Callable[[dict], None] | None = None) -> dict:
+    """Time every requested provider; return ``{"schema", "meta", "config", "results"}``.
+
+    ``on_partial`` gets the result so far (``"partial": True``) after each measurement, so a
+    caller can keep what finished when a time limit stops the run."""
     # cfg.threads sets process-wide torch state: give the caller back its own thread count.
     threads_before = torch.get_num_threads()
     try:
-        return _run_model_bench(cfg, log)
+        return _run_model_bench(cfg, log, on_partial)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None) -> dict:
+def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None,
+                     on_partial: Callable[[dict], None] | None = None) -> dict:
     log = log or (lambda line: None)
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -884,6 +889,16 @@ def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = 
         f"saffnet_fast {meta['saffnet_fast']}, backends {meta['available_backends']})")
     records = []
     weights: dict = {}
+    config = dataclasses.asdict(cfg)
+
+    def record(rec: dict) -> None:
+        records.append(rec)
+        if on_partial is not None:
+            rows = [dict(r) for r in records]
+            _add_speedups(rows)
+            on_partial({"schema": RESULT_SCHEMA, "kind": "model", "partial": True,
+                        "meta": meta, "config": config, "results": rows})
+
     torch.manual_seed(0)
     # The fast modules warn (once per process) when a block falls back to the reference
     # path; keep those lines in the record: they say what "fast" actually ran.
@@ -892,12 +907,12 @@ def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = 
         for dtype_name in cfg.dtypes:
             for batch in cfg.batches:
                 for provider in cfg.providers:
-                    records.append(_bench_inference(models, cfg, dev, dtype_name, batch,
-                                                    provider, log, weights))
+                    record(_bench_inference(models, cfg, dev, dtype_name, batch, provider,
+                                            log, weights))
         if cfg.train:
             for provider in cfg.providers:
                 if provider in _TRAIN_PROVIDERS:
-                    records.append(_bench_training(models, cfg, dev, provider, log, weights))
+                    record(_bench_training(models, cfg, dev, provider, log, weights))
     notes = []
     for w in caught:
         text = str(w.message).splitlines()[0][:400]
@@ -907,7 +922,6 @@ def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = 
     for text in notes:
         log(f"  note: {text}")
     _add_speedups(records)
-    config = dataclasses.asdict(cfg)
     return {"schema": RESULT_SCHEMA, "kind": "model", "meta": meta, "config": config,
             "results": records}
 
@@ -942,7 +956,9 @@ def format_table(result: dict) -> str:
 def save_result(result: dict, path: str | os.PathLike) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp = out.with_name(out.name + ".tmp")  # atomic: a reader never sees half a file
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
     return out
 
 

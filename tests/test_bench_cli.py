@@ -126,3 +126,28 @@ def test_unavailable_provider_is_reported_with_a_reason():
 
     with pytest.raises(bench.ProviderUnavailable, match="triton"):
         bench.make_op_workload(bench.OP_CASES[1], "triton", "forward", 1, "float32", "cpu")
+
+
+def test_partial_results_are_saved_after_each_measurement(tmp_path, monkeypatch, capsys):
+    """With --out, every finished measurement is on disk at once (a run cut off by a time
+    limit keeps it), and the final file is the complete result, no longer marked partial."""
+    from saffnet_fast import bench
+
+    saved = []
+    save = bench.save_result
+
+    def recording_save(result, path):
+        saved.append(json.loads(json.dumps(result)))
+        return save(result, path)
+
+    monkeypatch.setattr(bench, "save_result", recording_save)
+    out = tmp_path / "result.json"
+    code = main(["bench", "--tiny", "--device", "cpu", "--threads", "1", "--providers",
+                 "eager,fast", "--no-train", "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    partial = [s for s in saved if s.get("partial")]
+    assert [len(s["results"]) for s in partial] == list(range(1, len(partial) + 1))
+    assert len(partial) == 4  # 2 providers × batch 1 and 2
+    final = json.loads(out.read_text())
+    assert "partial" not in final and final["results"] == saved[-1]["results"]
+    assert not list(tmp_path.glob("*.tmp"))

@@ -295,3 +295,27 @@ def test_torch_compile_fullgraph_of_converted_model(training):
     out = compiled(x)
     expected = reference(x)
     assert _rel(out, expected) < 1e-5
+
+
+def test_compile_time_key_names_each_live_fast_module():
+    """Under torch.compile the backend selection gets the module's int key, not the module
+    (torch 2.11 refuses a module argument to a constant function): every fast module, made
+    directly, by convert(), by deepcopy or by pickling, has its own key that finds it."""
+    import copy
+    import pickle
+
+    built = fast.FastSAWF(16)
+    converted = convert(nn.Sequential(ref.SAWF(16)))[0]
+    copied = copy.deepcopy(built)
+    unpickled = pickle.loads(pickle.dumps(converted))
+    modules = [built, converted, copied, unpickled]
+    keys = [m._fast_key for m in modules]
+    assert len(set(keys)) == len(keys)
+    for key, module in zip(keys, modules):
+        assert fast._FAST_MODULES[key] is module
+    back = convert(nn.Sequential(converted), backend="reference")[0]
+    assert type(back) is ref.SAWF and not hasattr(back, "_fast_key")
+    del copied, modules, module
+    import gc
+    gc.collect()
+    assert keys[2] not in fast._FAST_MODULES  # a weak registry: no module kept alive

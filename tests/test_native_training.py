@@ -72,6 +72,21 @@ def _forward_backward(module, fn, x, grad):
     return [out, *grads]
 
 
+def with_layout(fn, layout):
+    """fn(m, x) called on x in `layout`, built inside the graph: _forward_backward's leaf is
+    a clone, and clone() of a sliced (non-dense) tensor is contiguous."""
+    def call(module, x):
+        if layout == "channels_last":
+            return fn(module, x.contiguous(memory_format=torch.channels_last))
+        n, c, h, w = x.shape
+        big = x.new_zeros(n, c + 4, h, 2 * w)
+        big[:, 2:-2, :, ::2] = x
+        sliced = big[:, 2:-2, :, ::2]
+        assert not sliced.is_contiguous() and not sliced.is_contiguous(memory_format=torch.channels_last)
+        return fn(module, sliced)
+    return call
+
+
 def train_step_parity(module, fn, x, dtype):
     """One training forward + backward of native fn(module, ·) against the reference twin:
     the output, the gradient of x and of every parameter, and the running statistics.
@@ -136,11 +151,7 @@ def test_attention_training_layouts(kind, layout):
     cls, fn = ATTENTION[kind]
     module = randomized(cls(16), torch.float64)
     x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(2, 20, 5, 12, dtype=torch.float64)[:, 2:-2, :, ::2]
-    train_step_parity(module, fn(), x, torch.float64)
+    train_step_parity(module, with_layout(fn(), layout), x, torch.float64)
 
 
 @pytest.mark.parametrize("kind", list(ATTENTION))
@@ -185,11 +196,7 @@ def test_split_resplice_training_parity(shape, splits, dtype):
 def test_split_resplice_training_layouts(layout):
     module = randomized(SplitResplice(16, 4, dropout=0.0), torch.float64)
     x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(2, 20, 5, 12, dtype=torch.float64)[:, 2:-2, :, ::2]
-    train_step_parity(module, native_split_resplice, x, torch.float64)
+    train_step_parity(module, with_layout(native_split_resplice, layout), x, torch.float64)
 
 
 def test_split_resplice_training_needs_more_than_one_value_per_channel():
@@ -459,3 +466,187 @@ def test_whole_saffnet_compiled_fullgraph_training_matches_reference(saffnet_pai
     w_ref = reference.get_parameter("stem_scaff.aff.local_att.0.weight").grad
     assert rel_err(w_got, w_ref) < 1e-9
     assert_running_stats_match(native, reference, 1e-9)
+
+
+# ------------------------------------------------------------------------------- CUDA
+needs_cuda_build = pytest.mark.skipif(
+    not torch.cuda.is_available() or not (has_native() and __import__("saffnet_fast")
+                                          .native_build_info().get("with_cuda")),
+    reason="no CUDA device or saffnet_fast._C built without CUDA kernels")
+# Bound on each tensor's relative error against the float64 truth: max(floor, k × the error
+# of the reference module run on CUDA in the same dtype), k = 4 for float32 and 8 for half.
+# Half-precision gradients through a training BN are single noisy draws: on an H100 one
+# bf16 BN-bias gradient of an SR step measured 0.094 where the bf16 reference's was 0.0125,
+# and a float16 conv-weight gradient 0.025 against 0.0057; the floors follow the dtypes'
+# epsilons (bf16's is 8× float16's).
+CUDA_FLOOR = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2,
+              torch.bfloat16: 1e-1}
+CUDA_REF_FACTOR = {torch.float64: 0, torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
+CUDA_DTYPES = list(CUDA_FLOOR)
+
+
+def cuda_train_step_parity(module64, fn, x64, dtype, floor_scale=1.0):
+    """Native on CUDA in `dtype` against the float64 CPU reference (the truth), with the bound
+    max(floor, k × the error of the reference module run on CUDA in the same dtype): the
+    output, the gradient of x and of every parameter, and the running statistics (against the
+    same-dtype CUDA reference)."""
+    names = ["out", "x"] + [n for n, _ in module64.named_parameters()]
+    # truth from the parameters and input as rounded to dtype: the bound then measures the
+    # kernels' arithmetic, not the input quantisation that both sides share
+    module64 = copy.deepcopy(module64).to(dtype).double()
+    x64 = x64.to(dtype).double()
+    grad = torch.randn(x64.shape, dtype=torch.float64).to(dtype).double()
+    truth = _forward_backward(copy.deepcopy(module64), lambda m, t: m(t), x64, grad)
+    native = copy.deepcopy(module64).to(device="cuda", dtype=dtype)
+    twin = copy.deepcopy(module64).to(device="cuda", dtype=dtype)
+    xc = x64.to(device="cuda", dtype=dtype)
+    got = _forward_backward(native, fn, xc, grad.cuda())
+    want = _forward_backward(twin, lambda m, t: m(t), xc, grad.cuda())
+    total = torch.sqrt(sum(t.detach().double().norm() ** 2 for t in truth[2:] if t is not None))
+    floor = CUDA_FLOOR[dtype] * floor_scale
+    for g, w, t, name in zip(got, want, truth, names):
+        assert (g is None) == (w is None), name
+        if g is None:
+            continue
+        assert g.dtype == dtype and g.device.type == "cuda", name
+        err = _scaled_err(g.cpu(), t, total)
+        bound = max(floor, CUDA_REF_FACTOR[dtype] * _scaled_err(w.cpu(), t, total))
+        assert err < bound, f"{name}: {err:.3g} ≥ {bound:.3g}"
+    assert_running_stats_match(native, twin, max(CUDA_FLOOR[dtype], 1e-5))
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 32, 7, 5), (4, 64, 16, 12), (8, 128, 8, 6)])
+@pytest.mark.parametrize("kind", list(ATTENTION))
+def test_cuda_attention_training_parity(kind, shape, dtype):
+    cls, fn = ATTENTION[kind]
+    torch.manual_seed(1)
+    module = randomized(cls(shape[1]), torch.float64)
+    cuda_train_step_parity(module, fn(), torch.randn(shape, dtype=torch.float64), dtype)
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("shape, splits", [((2, 32, 6, 5), 8), ((3, 12, 5, 7), 4),
+                                           ((4, 64, 16, 12), 8), ((2, 128, 4, 4), 8)])
+def test_cuda_split_resplice_training_parity(shape, splits, dtype):
+    torch.manual_seed(2)
+    module = randomized(SplitResplice(shape[1], splits, dropout=0.0), torch.float64)
+    cuda_train_step_parity(module, native_split_resplice,
+                           torch.randn(shape, dtype=torch.float64), dtype)
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("kind", ["scaff", "sawf", "sr"])
+def test_cuda_training_layouts(kind, layout):
+    if kind == "sr":
+        module, fn = randomized(SplitResplice(16, 4, dropout=0.0), torch.float64), native_split_resplice
+    else:
+        cls, get = ATTENTION[kind]
+        module, fn = randomized(cls(16), torch.float64), get()
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    cuda_train_step_parity(module, with_layout(fn, layout), x, torch.float64)
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_dropout_mask_matches_cpu(dtype):
+    """Philox keyed by (seed, step, element): the CUDA kernels draw the same mask as the CPU
+    ones, so a run is reproducible across devices, and backward regenerates it on either."""
+    x, weights, gammas, betas = sr_args(n=4, c=32, h=16, w=11, splits=8, dtype=dtype)
+    seed = torch.tensor(4321)
+    cpu = OPS.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, 0.3, seed)
+    gpu = OPS.split_resplice_train(x.cuda(), [w.cuda() for w in weights],
+                                   [g.cuda() for g in gammas], [b.cuda() for b in betas],
+                                   1e-5, 0.1, 0.3, seed)
+    assert torch.equal(cpu[0] == 0, gpu[0].cpu() == 0)  # the same elements dropped
+    assert rel_err(gpu[0].cpu(), cpu[0]) < TOL[dtype] * 10
+    dropped = (cpu[0][:, 4:] == 0).double().mean().item()
+    assert 0.25 < dropped < 0.35
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4, 2), (3, 32, 1, 5, 8), (8, 64, 32, 24, 16)])
+def test_cuda_aff_moments_parity(shape, stage, dtype):
+    args64 = list(aff_moments_args(*shape))
+    if stage == 1:
+        args64[5] = args64[6] = None
+    args = [None if a is None else a.to(device="cuda", dtype=dtype) for a in args64]
+    # the truth from the inputs as rounded to dtype: the kernel accumulates in float32/64
+    truth = aff_moments_reference(*[None if a is None else a.double().cpu() for a in args])
+    for got, want in zip(OPS.aff_moments(*args), truth):
+        assert got.dtype == dtype
+        assert rel_err(got.cpu(), want) < (TOL[dtype] if dtype in TOL else 1e-2)
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+def test_cuda_training_ops_gradcheck_and_opcheck():
+    x, a_h, a_w, w1, b1, w2, b2 = (t.cuda() for t in aff_moments_args())
+    for args in [(x, a_h, a_w, w1, b1, w2, b2), (x, a_h, a_w, w1, b1)]:
+        args = tuple(t.detach().requires_grad_(True) for t in args)
+        extra = () if len(args) == 7 else (None, None)
+        assert torch.autograd.gradcheck(lambda *ts: OPS.aff_moments(*ts, *extra), args)
+        torch.library.opcheck(OPS.aff_moments.default, args + extra)
+    x, weights, gammas, betas = sr_args(n=2, c=8, h=3, w=4, splits=4)
+    inputs = [t.cuda().requires_grad_(True) for t in [x, *weights, *gammas, *betas]]
+    s, seed = len(weights), torch.tensor(7)
+
+    def fn(x, *rest):
+        return OPS.split_resplice_train(x, list(rest[:s]), list(rest[s:2 * s]),
+                                        list(rest[2 * s:]), 1e-5, 0.1, 0.25, seed)[0]
+
+    # double atomics in the statistics passes and cuDNN's weight gradient sum in a
+    # run-dependent order: backward is deterministic only to rounding
+    assert torch.autograd.gradcheck(fn, tuple(inputs), nondet_tol=1e-10)
+    x, *rest = inputs
+    torch.library.opcheck(OPS.split_resplice_train.default,
+                          (x, rest[:s], rest[s:2 * s], rest[2 * s:], 1e-5, 0.1, 0.2, seed))
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+def test_cuda_whole_saffnet_training_step_matches_reference(saffnet_pair):
+    """The whole native SAFFNet training step on CUDA: float64 against the CPU float64
+    reference (< 1e-9), float32 within 1e-4 of it or 2× the CUDA float32 reference's own
+    error, and the inductor-compiled (fullgraph) native model against eager native."""
+    reference, native = saffnet_pair
+    names = ["out"] + [n for n, _ in reference.named_parameters()]
+    x = torch.randn(8, 3, 64, 48, dtype=torch.float64)
+    grad = torch.randn(8, 17, 16, 12, dtype=torch.float64)
+    truth = _model_step(copy.deepcopy(reference).double(), x, grad)
+    total = torch.sqrt(sum(t.norm() ** 2 for t in truth[1:] if t is not None))
+    nat64 = copy.deepcopy(native).to(device="cuda", dtype=torch.float64)
+    got64 = _model_step(nat64, x.cuda(), grad.cuda())
+    ref32 = copy.deepcopy(reference).cuda()
+    nat32 = copy.deepcopy(native).cuda()
+    want32 = _model_step(ref32, x.float().cuda(), grad.cuda())
+    got32 = _model_step(nat32, x.float().cuda(), grad.cuda())
+    for name, t, g64, g32, w32 in zip(names, truth, got64, got32, want32):
+        if t is None:
+            continue
+        assert _scaled_err(g64.cpu(), t, total) < 1e-9, name
+        bound = max(1e-4, 2 * _scaled_err(w32.cpu(), t, total))
+        assert _scaled_err(g32.cpu(), t, total) < bound, name
+    assert_running_stats_match(nat32, ref32, 1e-4)
+
+    compiled_model = copy.deepcopy(native).cuda()
+    eager_model = copy.deepcopy(native).cuda()
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    xc = x.float().cuda()
+    out, ref = compiled(xc), eager_model(xc)
+    assert rel_err(out, ref) < 1e-4
+    out.backward(grad.float().cuda())
+    ref.backward(grad.float().cuda())
+    name = "stem_scaff.aff.local_att.0.weight"
+    assert rel_err(compiled_model.get_parameter(name).grad,
+                   eager_model.get_parameter(name).grad) < 1e-3

@@ -112,8 +112,12 @@ def run(args) -> int:
     def log(line: str) -> None:
         print(line, file=log_stream, flush=True)
 
+    # With --out, each finished measurement is saved at once (marked partial until the end):
+    # a run stopped by a time limit keeps what it measured.
+    partial = (lambda result: bench.save_result(result, args.out)) \
+        if args.out is not None and not args.no_save else None
     try:
-        result = bench.run_model_bench(cfg, log=log)
+        result = bench.run_model_bench(cfg, log=log, on_partial=partial)
     except (RuntimeError, ValueError) as exc:
         print(f"saffnet bench: {exc}", file=sys.stderr)
         return 1

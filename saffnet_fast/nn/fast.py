@@ -22,7 +22,9 @@ contain only standard operators.
 from __future__ import annotations
 
 import importlib
+import itertools
 import warnings
+import weakref
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -175,13 +177,30 @@ def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor):
     return None
 
 
-def _compile_time_choice(op: str, backend: Optional[str], module: nn.Module, device: str,
+# Fast modules by a plain-int key. A function marked constant for torch.compile must get
+# only Python constants: torch 2.13 accepts the module itself there, but torch 2.11 raises
+# "UnspecializedNNModuleVariable(...) is not a constant" (seen on the lent H100's torch
+# 2.11), so the traced code passes the module's key and the selection looks the module up.
+_FAST_MODULES: "weakref.WeakValueDictionary[int, nn.Module]" = weakref.WeakValueDictionary()
+_NEXT_FAST_KEY = itertools.count()
+
+
+def register_fast_module(module: nn.Module) -> None:
+    """Give ``module`` its own compile-time key (at construction, on a copy or unpickling,
+    and when convert() swaps a reference block's class)."""
+    key = next(_NEXT_FAST_KEY)
+    module.__dict__["_fast_key"] = key
+    _FAST_MODULES[key] = module
+
+
+def _compile_time_choice(op: str, backend: Optional[str], module_key: int, device: str,
                          dtype: torch.dtype, training: bool, requires_grad: bool,
                          grad_enabled: bool) -> str:
     """select_implementation for torch.compile: evaluated while tracing, its result (a
     backend name) is a constant of the compiled graph. Under torch.compile the backend is
     therefore fixed at compile time: a later use_backend() does not recompile. Selecting
     imports the implementation's module, which _run_traced then finds loaded."""
+    module = _FAST_MODULES[module_key]
     x_like = torch.empty(0, device=device, dtype=dtype).requires_grad_(requires_grad)
     with torch.set_grad_enabled(grad_enabled):
         return select_implementation(op, backend, module, x_like)[0]
@@ -216,13 +235,21 @@ class _FastMixin:
     _op: str = ""
     backend: Optional[str] = None
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        register_fast_module(self)
+
+    def __setstate__(self, state):  # copy.deepcopy and pickle: a new module, a new key
+        super().__setstate__(state)
+        register_fast_module(self)
+
     def _dispatch(self, x: torch.Tensor):
         _check_input(x, self.channels)
         if torch.compiler.is_compiling():
             # The selection itself (imports, warnings, context variables) is not traceable:
             # it runs once per compilation; what it depends on is read here, in traced code,
             # so torch.compile guards on it (mode, device, dtype, grad) and recompiles.
-            name = _compile_time_choice(self._op, self.backend, self, str(x.device), x.dtype,
+            name = _compile_time_choice(self._op, self.backend, self._fast_key, str(x.device), x.dtype,
                                         self.training, x.requires_grad,
                                         torch.is_grad_enabled())
             if name == "reference":

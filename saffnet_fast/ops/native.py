@@ -510,7 +510,10 @@ def _coord_attention_factors_eval(folded_ca: tuple, x: torch.Tensor):
     w1, b1, w_hw, b_hw = folded_ca
     pool_h, pool_w = torch.ops.saffnet_fast.coord_pool(x)
     y = torch.cat([pool_h.transpose(1, 2), pool_w.transpose(1, 2)], dim=1)  # N×(H+W)×C
-    y = F.hardswish(F.linear(y, w1, b1))
+    y = F.linear(y, w1, b1)
+    # the reference's HSwish, x·relu6(x + 3)/6, not F.hardswish: PyTorch's CUDA hardswish
+    # kernel rounds its 1/6 to float32 even for float64 (1.8e-9 off in a_h on an H100)
+    y = y * F.relu6(y + 3.0) / 6.0
     # Both heads on all H+W positions (2× the flops of a tiny GEMM, one call instead of
     # two); a_h and a_w are strided views, which aff_fuse reads through their strides.
     a = torch.sigmoid(F.linear(y, w_hw, b_hw))                            # N×(H+W)×2C

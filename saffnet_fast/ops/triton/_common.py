@@ -297,7 +297,7 @@ def _tile_rows(tile_mean_ptr, r0, ROWS, TILES, HW, C, offs_c, mask_c,
 
 @triton.jit
 def _merge_moments_kernel(tile_mean_ptr, tile_m2_ptr, mean_ptr, var_ptr,
-                          ROWS, TILES, HW, C, INV_TOTAL,
+                          ROWS, TILES, HW, C, TOTAL,
                           TILE_PIXELS: tl.constexpr, BLOCK_R: tl.constexpr,
                           BLOCK_C: tl.constexpr):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -308,7 +308,9 @@ def _merge_moments_kernel(tile_mean_ptr, tile_m2_ptr, mean_ptr, var_ptr,
         offs_r, mask, count, m = _tile_rows(tile_mean_ptr, r0, ROWS, TILES, HW, C, offs_c,
                                             mask_c, TILE_PIXELS, BLOCK_R)
         total += tl.sum(count[:, None] * m, axis=0)
-    mean = total * INV_TOTAL
+    # an integer count, divided in the accumulation dtype: a Python float argument is
+    # passed as float32, which put a 3e-8 error into float64 means (seen on H100)
+    mean = total / TOTAL
     m2 = tl.zeros([BLOCK_C], dtype=acc_t)
     for r0 in range(0, ROWS, BLOCK_R):
         offs_r, mask, count, m = _tile_rows(tile_mean_ptr, r0, ROWS, TILES, HW, C, offs_c,
@@ -317,7 +319,7 @@ def _merge_moments_kernel(tile_mean_ptr, tile_m2_ptr, mean_ptr, var_ptr,
         m2 += tl.sum(tl.load(tile_m2_ptr + offs_r[:, None] * C + offs_c[None, :], mask=mask,
                              other=0.0) + count[:, None] * d * d, axis=0)
     tl.store(mean_ptr + offs_c, mean, mask=mask_c)
-    tl.store(var_ptr + offs_c, m2 * INV_TOTAL, mask=mask_c)
+    tl.store(var_ptr + offs_c, m2 / TOTAL, mask=mask_c)
 
 
 def merge_tile_moments(tile_mean: torch.Tensor, tile_m2: torch.Tensor, n: int, hw: int,
@@ -334,6 +336,6 @@ def merge_tile_moments(tile_mean: torch.Tensor, tile_m2: torch.Tensor, n: int, h
         block_c = min(channel_block(c), 64)
         wrap_triton(_merge_moments_kernel)[(triton.cdiv(c, block_c),)](
             tile_mean, tile_m2, mean, var, rows, triton.cdiv(hw, block_p), hw, c,
-            1.0 / (n * hw), TILE_PIXELS=block_p, BLOCK_R=16 if INTERPRET else 64,
+            n * hw, TILE_PIXELS=block_p, BLOCK_R=16 if INTERPRET else 64,
             BLOCK_C=block_c, num_warps=4)
     return mean, var

@@ -299,7 +299,7 @@ def _local_stats_kernel(x_ptr, ah_ptr, aw_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, m
 def _local_stats_backward_kernel(gmean_ptr, gvar_ptr, mean_ptr, x_ptr, ah_ptr, aw_ptr,
                                  w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                                  dx_ptr, dah_ptr, daw_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
-                                 C, CI, H, W, HW, INV_COUNT, NUM_TILES, TILE_STEP,
+                                 C, CI, H, W, HW, COUNT, NUM_TILES, TILE_STEP,
                                  sx_n, sx_c, sx_h, sx_w, sd_n, sd_c, sd_h, sd_w,
                                  STAGE: tl.constexpr, BLOCK_P: tl.constexpr,
                                  BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
@@ -336,12 +336,12 @@ def _local_stats_backward_kernel(gmean_ptr, gvar_ptr, mean_ptr, x_ptr, ah_ptr, a
         u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
         if STAGE == 1:
             # d mean/du = 1/M, d var/du = 2(u − μ)/M
-            du = (g_mean[None, :] + 2.0 * g_var[None, :] * (u - mu[None, :])) * INV_COUNT
+            du = (g_mean[None, :] + 2.0 * g_var[None, :] * (u - mu[None, :])) / COUNT
             du = tl.where(mask_p[:, None], du, 0.0)
         else:
             t = tl.maximum(u, 0.0)
             v = tl.dot(t, w2t, input_precision=PRECISION) + b2[None, :]
-            dv = (g_mean[None, :] + 2.0 * g_var[None, :] * (v - mu[None, :])) * INV_COUNT
+            dv = (g_mean[None, :] + 2.0 * g_var[None, :] * (v - mu[None, :])) / COUNT
             dv = tl.where(mask, dv, 0.0)
             acc_dw2 += tl.dot(tl.trans(dv), t, input_precision=PRECISION)
             acc_db2 += tl.sum(dv, axis=0)
@@ -396,7 +396,7 @@ def launch_local_stats_backward(grad_mean, grad_var, mean, x, a_h, a_w, w1, b1, 
         wrap_triton(_local_stats_backward_kernel)[(tile_step, n)](
             grad_mean.contiguous(), grad_var.contiguous(), mean.contiguous(), x, a_h, a_w,
             w1, b1, w2, b2, grad_x, grad_ah, grad_aw, grad_w1, grad_b1, grad_w2, grad_b2,
-            c, ci, h, w, h * w, 1.0 / (n * h * w), num_tiles, tile_step,
+            c, ci, h, w, h * w, n * h * w, num_tiles, tile_step,
             *x.stride(), *grad_x.stride(),
             STAGE=stage, BLOCK_P=STATS_BLOCK_P, BLOCK_C=block_c, BLOCK_I=block_i,
             PRECISION=_precision(x), num_warps=4)

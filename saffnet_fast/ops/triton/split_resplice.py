@@ -28,9 +28,9 @@ from ._common import (acc_dtype, channel_block, common_unsupported_reason, conv3
 
 @triton.jit
 def _sr_step_kernel(x_ptr, carry_in_ptr, w_ptr, b_ptr, out_ptr, carry_out_ptr,
-                    H, W, HW, X_C0, CX, CC_IN, CIN, COUT, KEEP, OUT_C0, SLOPE,
+                    H, W, HW, X_C0, CX, CC_IN, CIN, COUT, KEEP, OUT_C0,
                     sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
-                    HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
+                    SLOPE: tl.constexpr, HAS_CARRY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_X: tl.constexpr,
                     BLOCK_CC: tl.constexpr, BLOCK_O: tl.constexpr, PRECISION: tl.constexpr):
     n64, _, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     acc = conv3x3_tile(x_ptr, carry_in_ptr, w_ptr, n64, hh, ww, mask_p,
@@ -62,8 +62,8 @@ def launch_split_resplice(x: torch.Tensor, weights: List[torch.Tensor], biases: 
         wrap_triton(_sr_step_kernel)[grid](
             x, carry, weight, bias, out, carry_out,
             h, w, h * w, (j + 1) * width, width, cc_in, cin, cout, keep, out_c0,
-            negative_slope, *x.stride(), *out.stride(),
-            HAS_CARRY=j > 0, BLOCK_P=block_p, BLOCK_X=channel_block(width),
+            *x.stride(), *out.stride(),
+            SLOPE=negative_slope, HAS_CARRY=j > 0, BLOCK_P=block_p, BLOCK_X=channel_block(width),
             BLOCK_CC=channel_block(cc_in), BLOCK_O=channel_block(cout), PRECISION="ieee",
             num_warps=4)
         carry = carry_out

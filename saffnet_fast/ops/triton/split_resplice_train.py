@@ -80,8 +80,8 @@ def _conv_stats_kernel(x_ptr, carry_ptr, w_ptr, z_ptr, mean_ptr, m2_ptr,
 
 @triton.jit
 def _act_kernel(z_ptr, scale_ptr, shift_ptr, out_ptr, carry_ptr,
-                HW, COUT, KEEP, OUT_C0, SLOPE, P_DROP, seed_ptr, STEP,
-                so_n, so_c, so_h, so_w, W,
+                HW, COUT, KEEP, OUT_C0, seed_ptr, STEP,
+                so_n, so_c, so_h, so_w, W, SLOPE: tl.constexpr, P_DROP: tl.constexpr,
                 BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
     n64, _, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     index = (n64 * COUT + offs_o[None, :]) * HW + offs_p[:, None]
@@ -98,8 +98,8 @@ def _act_kernel(z_ptr, scale_ptr, shift_ptr, out_ptr, carry_ptr,
 @triton.jit
 def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
                          gy_ptr, sum_g_ptr, sum_gx_ptr,
-                         HW, COUT, KEEP, OUT_C0, SLOPE, P_DROP, seed_ptr, STEP,
-                         sg_n, sg_c, sg_h, sg_w, W,
+                         HW, COUT, KEEP, OUT_C0, seed_ptr, STEP,
+                         sg_n, sg_c, sg_h, sg_w, W, SLOPE: tl.constexpr, P_DROP: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
     n64, tile, offs_p, mask_p, hh, ww, offs_o, mask_o = step_tile(HW, W, COUT, BLOCK_P, BLOCK_O)
     mask = mask_p[:, None] & mask_o[None, :]
@@ -125,7 +125,7 @@ def _act_backward_kernel(g_ptr, gcarry_ptr, z_ptr, scale_ptr, shift_ptr, mean_pt
 
 @triton.jit
 def _bn_input_grad_kernel(g_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, sum_g_ptr, sum_gx_ptr,
-                          HW, COUT, INV_COUNT, BATCH_STATS: tl.constexpr,
+                          HW, COUT, COUNT, BATCH_STATS: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_O: tl.constexpr):
     """dL/dz from dL/dŷ (g, overwritten in place). With batch statistics
     dL/dz = γσ⁻¹·(dL/dŷ − Σ dL/dŷ / M − x̂ · Σ dL/dŷ·x̂ / M), M = N·H·W, x̂ = (z − μ)σ⁻¹;
@@ -139,8 +139,8 @@ def _bn_input_grad_kernel(g_ptr, z_ptr, mean_ptr, rstd_ptr, gamma_ptr, sum_g_ptr
     if BATCH_STATS:
         z = tl.load(z_ptr + index, mask=mask, other=0.0)
         xhat = (z - tl.load(mean_ptr + offs_o, mask=mask_o, other=0.0)[None, :]) * rstd[None, :]
-        mean_g = tl.load(sum_g_ptr + offs_o, mask=mask_o, other=0.0) * INV_COUNT
-        mean_gx = tl.load(sum_gx_ptr + offs_o, mask=mask_o, other=0.0) * INV_COUNT
+        mean_g = tl.load(sum_g_ptr + offs_o, mask=mask_o, other=0.0) / COUNT
+        mean_gx = tl.load(sum_gx_ptr + offs_o, mask=mask_o, other=0.0) / COUNT
         g = g - mean_g[None, :] - xhat * mean_gx[None, :]
     tl.store(g_ptr + index, scale[None, :] * g, mask=mask)
 
@@ -259,7 +259,7 @@ def launch_split_resplice_train_forward(x, weights, gammas, betas, running_means
         if launch:
             wrap_triton(_act_kernel)[grid](
                 z, scale.contiguous(), shift, out, carry_out, hw, cout, keep, out_c0,
-                negative_slope, p_drop, seed, j, *out.stride(), w,
+                seed, j, *out.stride(), w, SLOPE=negative_slope, P_DROP=p_drop,
                 BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout), num_warps=4)
         zs.append(z)
         if not last:
@@ -309,8 +309,8 @@ def launch_split_resplice_train_backward(grad_out, x, weights, gammas, betas, zs
         if launch:
             wrap_triton(_act_backward_kernel)[grid](
                 grad_out, grad_carry, zs[j], scale, shift, mean, rstd, gz, tile_sum_g,
-                tile_sum_gx, hw, cout, keep, out_c0, negative_slope, p_drop, seed, j,
-                *grad_out.stride(), w, BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout),
+                tile_sum_gx, hw, cout, keep, out_c0, seed, j, *grad_out.stride(), w,
+                SLOPE=negative_slope, P_DROP=p_drop, BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout),
                 num_warps=4)
         sum_g, sum_gx = tile_sum_g.sum(0), tile_sum_gx.sum(0)
         grad_gammas[j] = sum_gx.to(gammas[j].dtype)  # dL/dγ = Σ dL/dŷ · x̂
@@ -319,7 +319,7 @@ def launch_split_resplice_train_backward(grad_out, x, weights, gammas, betas, zs
         grad_w = torch.zeros_like(weight)
         if launch:
             wrap_triton(_bn_input_grad_kernel)[grid](
-                gz, zs[j], mean, rstd, gamma, sum_g, sum_gx, hw, cout, 1.0 / (n * hw),
+                gz, zs[j], mean, rstd, gamma, sum_g, sum_gx, hw, cout, n * hw,
                 BATCH_STATS=batch_stats, BLOCK_P=BLOCK_P, BLOCK_O=channel_block(cout),
                 num_warps=4)
             blocks = dict(HAS_CARRY=j > 0, BLOCK_P=BLOCK_P, BLOCK_X=channel_block(width),
