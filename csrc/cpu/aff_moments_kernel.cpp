@@ -141,6 +141,8 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
   const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
   const auto w2 = stage2 ? to_acc<acc_t, scalar_t>(*w2t) : std::vector<acc_t>();
   const auto b2 = stage2 ? to_acc<acc_t, scalar_t>(*b2t) : std::vector<acc_t>();
+  const auto w1_tr = transposed(w1, Ci, C);
+  const auto w2_tr = stage2 ? transposed(w2, C, Ci) : std::vector<acc_t>();
   const auto gmean = to_acc<acc_t, scalar_t>(gmean_t), gvar = to_acc<acc_t, scalar_t>(gvar_t);
   const auto mean = to_acc<acc_t, scalar_t>(mean_t);
   const acc_t inv_count = acc_t(1) / static_cast<acc_t>(N * HW);
@@ -159,14 +161,15 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     TileForward<scalar_t, acc_t> tile(C, Ci, W);
+    TileBackward<scalar_t, acc_t> backward(C, Ci, stage2);
     std::vector<acc_t> red(red_size, acc_t(0));
-    std::vector<acc_t> DY(Co * kTile), DZ(Ci * kTile);
-    acc_t DT[kTile];
+    std::vector<acc_t> DY(Co * kTile);
+    const InputGradTargets<scalar_t, acc_t> targets{gxp, dxs, ahp, hs3, awp, ws3,
+                                                    red.data() + off_ah, red.data() + off_aw,
+                                                    C, H, W};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
       const int64_t np = std::min(kTile, HW - p0);
-      const int64_t* hs = tile.hs;
-      const int64_t* ws = tile.ws;
       tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
       if (stage2) tile.local_logits(w2, b2);
       const acc_t* Y = stage2 ? tile.Lmat.data() : tile.Z.data();
@@ -175,70 +178,25 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
         const acc_t* Yc = Y + c * kTile;
         acc_t* DYc = DY.data() + c * kTile;
         for (int64_t p = 0; p < np; ++p) DYc[p] = a + b * (Yc[p] - mu);
+        std::fill(DYc + np, DYc + kTile, acc_t(0));  // TileBackward's contract
       }
+      // conv2 (stage 2) or DZ = DY (stage 1), then conv1 and t = x·(1 + m): aff_tile.h,
+      // shared with aff_fuse.
       if (stage2) {
-        // conv2: grad_w2 = DY·relu(Z)ᵀ, grad_b2 = ΣDY, DZ = (W2ᵀ·DY)·[Z > 0]
         for (int64_t c = 0; c < C; ++c) {
           const acc_t* DYc = DY.data() + c * kTile;
           acc_t s = 0;
           for (int64_t p = 0; p < np; ++p) s += DYc[p];
           red[off_b2 + c] += s;
-          for (int64_t j = 0; j < Ci; ++j) {
-            const acc_t* Zj = tile.Z.data() + j * kTile;
-            acc_t g = 0;
-            for (int64_t p = 0; p < np; ++p) g += DYc[p] * relu(Zj[p]);
-            red[off_w2 + c * Ci + j] += g;
-          }
         }
-        for (int64_t j = 0; j < Ci; ++j) {
-          acc_t* DZj = DZ.data() + j * kTile;
-          std::fill(DZj, DZj + np, acc_t(0));
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t wv = w2[c * Ci + j];
-            const acc_t* DYc = DY.data() + c * kTile;
-            for (int64_t p = 0; p < np; ++p) DZj[p] += wv * DYc[p];
-          }
-          const acc_t* Zj = tile.Z.data() + j * kTile;
-          for (int64_t p = 0; p < np; ++p) DZj[p] = Zj[p] > acc_t(0) ? DZj[p] : acc_t(0);
-        }
+        backward.conv2(tile, DY.data(), w2_tr.data());
       } else {
-        std::copy(DY.begin(), DY.end(), DZ.begin());
+        std::copy(DY.begin(), DY.end(), backward.DZ.begin());
       }
-      for (int64_t j = 0; j < Ci; ++j) {
-        const acc_t* DZj = DZ.data() + j * kTile;
-        acc_t s = 0;
-        for (int64_t p = 0; p < np; ++p) s += DZj[p];
-        red[off_b1 + j] += s;
-      }
-      // conv1: grad_w1 = DZ·Tᵀ, DT = W1ᵀ·DZ; then t = x·(1 + m).
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t* Tc = tile.T.data() + c * kTile;
-        const acc_t* Xc = tile.X.data() + c * kTile;
-        const acc_t* Mc = tile.M.data() + c * kTile;
-        std::fill(DT, DT + np, acc_t(0));
-        for (int64_t j = 0; j < Ci; ++j) {
-          const acc_t* DZj = DZ.data() + j * kTile;
-          const acc_t wv = w1[j * C + c];
-          acc_t s = 0;
-          for (int64_t p = 0; p < np; ++p) {
-            DT[p] += wv * DZj[p];
-            s += DZj[p] * Tc[p];
-          }
-          red[off_w1 + j * C + c] += s;
-        }
-        scalar_t* gxc = gxp + n * dxs.n + c * dxs.c;
-        const scalar_t* ahc = ahp + n * hs3.n + c * hs3.c;
-        const scalar_t* awc = awp + n * ws3.n + c * ws3.c;
-        acc_t* rah = red.data() + off_ah + (n * C + c) * H;
-        acc_t* raw = red.data() + off_aw + (n * C + c) * W;
-        for (int64_t p = 0; p < np; ++p) {
-          gxc[hs[p] * dxs.h + ws[p] * dxs.w] = static_cast<scalar_t>(DT[p] * (acc_t(1) + Mc[p]));
-          const acc_t dm = DT[p] * Xc[p];
-          rah[hs[p]] += dm * static_cast<acc_t>(awc[ws[p] * ws3.l]);
-          raw[ws[p]] += dm * static_cast<acc_t>(ahc[hs[p] * hs3.l]);
-        }
-      }
+      backward.conv1_and_input(tile, w1_tr.data(), red.data() + off_b1,
+                               nullptr, nullptr, targets, n, np);
     }
+    backward.flush_weight_grads(red.data() + off_w1, stage2 ? red.data() + off_w2 : nullptr);
     std::lock_guard<std::mutex> lock(mutex);
     partials.emplace_back(begin, std::move(red));
   });

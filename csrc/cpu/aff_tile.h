@@ -89,7 +89,101 @@ struct TileForward {
   void local_logits(const std::vector<acc_t>& w2, const std::vector<acc_t>& b2) {
     tile_gemm(Lmat.data(), w2.data(), b2.data(), R.data(), C, Ci);
   }
+};
 
+// The cols×rows transpose of a row-major rows×cols matrix: the backward GEMMs run on W2ᵀ
+// and W1ᵀ, so their inner loop, too, is over pixels.
+template <typename acc_t>
+std::vector<acc_t> transposed(const std::vector<acc_t>& a, int64_t rows, int64_t cols) {
+  std::vector<acc_t> t(a.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = a[r * cols + c];
+  return t;
+}
+
+// Where the input gradients of one tile go: grad_x (stored), and grad_a_h / grad_a_w
+// (accumulated into a chunk's reduction buffer, N×C×H and N×C×W).
+template <typename scalar_t, typename acc_t>
+struct InputGradTargets {
+  scalar_t* grad_x;
+  Strides4 gxs;
+  const scalar_t* a_h;
+  Strides3 hs3;
+  const scalar_t* a_w;
+  Strides3 ws3;
+  acc_t* red_a_h;
+  acc_t* red_a_w;
+  int64_t C, H, W;
+};
+
+// Backward of one tile through local_att's two 1×1 convolutions and t = x·(1 + m), shared
+// by the aff_fuse and aff_moments backward kernels; one object per parallel chunk. The
+// gradient that enters (D for conv2's output, or DZ for conv1's) must be zero on the pixels
+// beyond the tile's np: everything downstream is then zero there too, so the GEMMs
+// (tile_gemm on W2ᵀ and W1ᵀ) and the weight gradients (per-lane sums, tile_gemm.h) run on
+// whole kTile-pixel rows and stay exact. The weight gradients are added to the chunk's
+// reduction buffer by flush_weight_grads once the chunk's tiles are done.
+template <typename scalar_t, typename acc_t>
+struct TileBackward {
+  static constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
+  int64_t C, Ci;
+  std::vector<acc_t> DZ, DT;            // [Ci][kTile], [C][kTile]
+  std::vector<acc_t> w1_lanes, w2_lanes;  // [Ci][C][kLanes], [C][Ci][kLanes]
+  TileBackward(int64_t C_, int64_t Ci_, bool stage2)
+      : C(C_), Ci(Ci_), DZ(Ci_ * kTile), DT(C_ * kTile), w1_lanes(Ci_ * C_ * kLanes),
+        w2_lanes(stage2 ? C_ * Ci_ * kLanes : 0) {}
+
+  // conv2 (l = W2·relu(z) + b2), from D = dL/dl as [C][kTile]: grad_w2 += D·relu(Z)ᵀ and
+  // DZ = (W2ᵀ·D)·[Z > 0]. grad_b2 (ΣD) is the caller's.
+  void conv2(const TileForward<scalar_t, acc_t>& tile, const acc_t* D, const acc_t* w2t) {
+    tile_outer_accumulate(w2_lanes.data(), D, tile.R.data(), C, Ci);
+    tile_gemm(DZ.data(), w2t, nullptr, D, Ci, C);
+    for (int64_t k = 0; k < Ci * kTile; ++k) DZ[k] = tile.Z[k] > acc_t(0) ? DZ[k] : acc_t(0);
+  }
+
+  // Adds the chunk's weight gradients: grad_w1 (Ci×C) and, after conv2 calls, grad_w2 (C×Ci).
+  void flush_weight_grads(acc_t* grad_w1, acc_t* grad_w2) const {
+    lane_sums(w1_lanes.data(), Ci * C, grad_w1);
+    if (grad_w2 != nullptr) lane_sums(w2_lanes.data(), C * Ci, grad_w2);
+  }
+
+  // conv1 (z = W1·t + b1) from DZ, then t = x·(1 + m): grad_b1 += ΣDZ, grad_w1 += DZ·Tᵀ,
+  // DT = W1ᵀ·DZ; grad_x = DX + DT·(1 + M) is stored for the tile's np pixels and
+  // DM + DT·X goes to grad_a_h (·a_w) and grad_a_w (·a_h). DX and DM (aff_fuse's direct
+  // terms) may be null.
+  void conv1_and_input(const TileForward<scalar_t, acc_t>& tile, const acc_t* w1t,
+                       acc_t* grad_b1, const acc_t* DX, const acc_t* DM,
+                       const InputGradTargets<scalar_t, acc_t>& out, int64_t n, int64_t np) {
+    for (int64_t j = 0; j < Ci; ++j) {
+      const acc_t* DZj = DZ.data() + j * kTile;
+      acc_t sum = 0;
+      for (int64_t p = 0; p < kTile; ++p) sum += DZj[p];
+      grad_b1[j] += sum;
+    }
+    tile_outer_accumulate(w1_lanes.data(), DZ.data(), tile.T.data(), Ci, C);
+    tile_gemm(DT.data(), w1t, nullptr, DZ.data(), C, Ci);
+    const int64_t* hs = tile.hs;
+    const int64_t* ws = tile.ws;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t* DTc = DT.data() + c * kTile;
+      const acc_t* Xc = tile.X.data() + c * kTile;
+      const acc_t* Mc = tile.M.data() + c * kTile;
+      const acc_t* DXc = DX ? DX + c * kTile : nullptr;
+      const acc_t* DMc = DM ? DM + c * kTile : nullptr;
+      scalar_t* gxc = out.grad_x + n * out.gxs.n + c * out.gxs.c;
+      const scalar_t* ahc = out.a_h + n * out.hs3.n + c * out.hs3.c;
+      const scalar_t* awc = out.a_w + n * out.ws3.n + c * out.ws3.c;
+      acc_t* rah = out.red_a_h + (n * C + c) * out.H;
+      acc_t* raw = out.red_a_w + (n * C + c) * out.W;
+      for (int64_t p = 0; p < np; ++p) {
+        const acc_t dx = (DXc ? DXc[p] : acc_t(0)) + DTc[p] * (acc_t(1) + Mc[p]);
+        const acc_t dm = (DMc ? DMc[p] : acc_t(0)) + DTc[p] * Xc[p];
+        gxc[hs[p] * out.gxs.h + ws[p] * out.gxs.w] = static_cast<scalar_t>(dx);
+        rah[hs[p]] += dm * static_cast<acc_t>(awc[ws[p] * out.ws3.l]);
+        raw[ws[p]] += dm * static_cast<acc_t>(ahc[hs[p] * out.hs3.l]);
+      }
+    }
+  }
 };
 
 }  // namespace saffnet_fast

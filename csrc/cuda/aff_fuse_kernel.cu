@@ -6,9 +6,8 @@
 // once; one pass, one launch (the forward is recomputed per pixel, nothing stored).
 //
 // One thread per pixel; grid (pixel tiles, N) so that all lanes of a warp share n. The
-// local_att hidden vector (Ci ≤ kMaxCi values) lives in registers: Ci is bounded by a
-// template parameter (16 or 64) and loops are unrolled up to it. Weights are read as
-// acc_t from global memory: every lane reads the same address, a broadcast from L1.
+// local_att hidden vector (Ci ≤ kMaxCi values, a template bound of 16 or 64) lives in
+// registers; the per-pixel local_att math is aff_local.cuh, shared with aff_moments.
 // Backward: parameter gradients are reduced across the warp with shuffles and added with one
 // atomicAdd per warp; grad_a_h / grad_a_w / grad_global_logit by per-lane atomics. The
 // atomics make float results order-dependent in the last bits (not bitwise deterministic).
@@ -25,6 +24,7 @@
 
 #include "../common/aff_fuse_checks.h"
 #include "../common/attention_math.h"
+#include "aff_local.cuh"
 #include "cuda_utils.cuh"
 
 namespace saffnet_fast {
@@ -40,45 +40,6 @@ struct AffStrides {
   int64_t wn, wc, wl;      // a_w
   int64_t ln, lc;          // global_logit
 };
-
-template <typename acc_t>
-struct AffWeights {
-  const acc_t* w1;  // Ci×C
-  const acc_t* b1;  // Ci
-  const acc_t* w2;  // C×Ci
-  const acc_t* b2;  // C
-};
-
-// z[j] = b1[j] + Σ_c w1[j,c]·x·(1 + m), the pre-ReLU hidden vector of one pixel.
-template <typename scalar_t, typename acc_t, int kMaxCi>
-__device__ __forceinline__ void hidden_vector(const scalar_t* __restrict__ x,
-                                              const scalar_t* __restrict__ a_h,
-                                              const scalar_t* __restrict__ a_w,
-                                              const AffWeights<acc_t>& wt, const AffStrides& s,
-                                              int64_t n, int64_t h, int64_t w, int64_t C,
-                                              int Ci, acc_t (&z)[kMaxCi]) {
-#pragma unroll
-  for (int j = 0; j < kMaxCi; ++j) z[j] = j < Ci ? wt.b1[j] : acc_t(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t xv = static_cast<acc_t>(x[n * s.xn + c * s.xc + h * s.xh + w * s.xw]);
-    const acc_t mv = static_cast<acc_t>(a_h[n * s.hn + c * s.hc + h * s.hl]) *
-                     static_cast<acc_t>(a_w[n * s.wn + c * s.wc + w * s.wl]);
-    const acc_t t = xv + xv * mv;
-#pragma unroll
-    for (int j = 0; j < kMaxCi; ++j)
-      if (j < Ci) z[j] += wt.w1[j * C + c] * t;
-  }
-}
-
-template <typename acc_t, int kMaxCi>
-__device__ __forceinline__ acc_t local_logit(const AffWeights<acc_t>& wt, int64_t c, int Ci,
-                                             const acc_t (&z)[kMaxCi]) {
-  acc_t l = wt.b2[c];
-#pragma unroll
-  for (int j = 0; j < kMaxCi; ++j)
-    if (j < Ci) l += wt.w2[c * Ci + j] * relu(z[j]);
-  return l;
-}
 
 template <typename scalar_t, typename acc_t, int kMaxCi>
 __global__ void __launch_bounds__(kThreads)
@@ -200,15 +161,6 @@ AffStrides make_strides(const at::Tensor& x, const at::Tensor& out, const at::Te
   s.wn = a_w.stride(0), s.wc = a_w.stride(1), s.wl = a_w.stride(2);
   s.ln = logit.stride(0), s.lc = logit.stride(1);
   return s;
-}
-
-// Calls fn.template operator()<kMaxCi>() with the smallest supported bound ≥ Ci.
-template <typename Fn>
-void dispatch_max_ci(int64_t Ci, const char* op, Fn&& fn) {
-  TORCH_CHECK_VALUE(Ci <= 64, op, ": w1: the CUDA kernel supports up to 64 hidden channels "
-                    "(AFF's channels // r, e.g. 256 // 4), got ", Ci);
-  if (Ci <= 16) fn(std::integral_constant<int, 16>{});
-  else fn(std::integral_constant<int, 64>{});
 }
 
 void aff_fuse_out_cuda(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w,

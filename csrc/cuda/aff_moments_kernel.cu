@@ -9,8 +9,8 @@
 // one launch (the forward is recomputed per pixel).
 //
 // One thread per pixel; grid (pixel tiles, N) so that all lanes of a warp share n. AFF's
-// hidden vector z (Ci ≤ kMaxCi values, kMaxCi = 16 or 64) lives in registers, as in
-// aff_fuse_kernel.cu. Weights are read as acc_t from global memory (a broadcast from L1).
+// hidden vector z (Ci ≤ kMaxCi values, kMaxCi = 16 or 64) lives in registers: the per-pixel
+// local_att math is aff_local.cuh, shared with aff_fuse_kernel.cu.
 //
 // Forward statistics: Σy and Σy² per channel, each warp-reduced in double and added with
 // one atomicAdd(double) per warp and channel, then mean = Σy/M, var = max(Σy²/M − mean², 0).
@@ -38,6 +38,7 @@
 
 #include "../common/aff_fuse_checks.h"
 #include "../common/attention_math.h"
+#include "aff_local.cuh"
 #include "cuda_utils.cuh"
 
 namespace saffnet_fast {
@@ -52,46 +53,6 @@ struct AffStrides {
   int64_t hn, hc, hl;      // a_h
   int64_t wn, wc, wl;      // a_w
 };
-
-template <typename acc_t>
-struct AffWeights {
-  const acc_t* w1;  // Ci×C
-  const acc_t* b1;  // Ci
-  const acc_t* w2;  // C×Ci (stage 2 only, else nullptr)
-  const acc_t* b2;  // C    (stage 2 only, else nullptr)
-};
-
-// z[j] = b1[j] + Σ_c w1[j,c]·x·(1 + m), the pre-ReLU hidden vector of one pixel.
-template <typename scalar_t, typename acc_t, int kMaxCi>
-__device__ __forceinline__ void hidden_vector(const scalar_t* __restrict__ x,
-                                              const scalar_t* __restrict__ a_h,
-                                              const scalar_t* __restrict__ a_w,
-                                              const AffWeights<acc_t>& wt, const AffStrides& s,
-                                              int64_t n, int64_t h, int64_t w, int64_t C,
-                                              int Ci, acc_t (&z)[kMaxCi]) {
-#pragma unroll
-  for (int j = 0; j < kMaxCi; ++j) z[j] = j < Ci ? wt.b1[j] : acc_t(0);
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t xv = static_cast<acc_t>(x[n * s.xn + c * s.xc + h * s.xh + w * s.xw]);
-    const acc_t mv = static_cast<acc_t>(a_h[n * s.hn + c * s.hc + h * s.hl]) *
-                     static_cast<acc_t>(a_w[n * s.wn + c * s.wc + w * s.wl]);
-    const acc_t t = xv + xv * mv;
-#pragma unroll
-    for (int j = 0; j < kMaxCi; ++j)
-      if (j < Ci) z[j] += wt.w1[j * C + c] * t;
-  }
-}
-
-// l[c] = b2[c] + Σ_j w2[c,j]·relu(z[j]): local_att's conv2 output of channel c (pre-BN).
-template <typename acc_t, int kMaxCi>
-__device__ __forceinline__ acc_t local_logit(const AffWeights<acc_t>& wt, int64_t c, int Ci,
-                                             const acc_t (&z)[kMaxCi]) {
-  acc_t l = wt.b2[c];
-#pragma unroll
-  for (int j = 0; j < kMaxCi; ++j)
-    if (j < Ci) l += wt.w2[c * Ci + j] * relu(z[j]);
-  return l;
-}
 
 // Adds y and y² of every lane into sums[c] and sums[Co + c] (one double atomic each per warp).
 __device__ __forceinline__ void add_moments(double* sums, int64_t Co, int64_t c, double y) {
@@ -239,15 +200,6 @@ AffStrides make_strides(const at::Tensor& x, const at::Tensor* gx, const at::Ten
   s.hn = a_h.stride(0), s.hc = a_h.stride(1), s.hl = a_h.stride(2);
   s.wn = a_w.stride(0), s.wc = a_w.stride(1), s.wl = a_w.stride(2);
   return s;
-}
-
-// Calls fn(std::integral_constant<int, kMaxCi>) with the smallest supported bound ≥ Ci.
-template <typename Fn>
-void dispatch_max_ci(int64_t Ci, const char* op, Fn&& fn) {
-  TORCH_CHECK_VALUE(Ci <= 64, op, ": w1: the CUDA kernel supports up to 64 hidden channels "
-                    "(AFF's channels // r, e.g. 256 // 4), got ", Ci);
-  if (Ci <= 16) fn(std::integral_constant<int, 16>{});
-  else fn(std::integral_constant<int, 64>{});
 }
 
 // The weights converted to contiguous acc_t tensors; they must outlive the launches that
