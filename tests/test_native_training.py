@@ -650,3 +650,56 @@ def test_cuda_whole_saffnet_training_step_matches_reference(saffnet_pair):
     name = "stem_scaff.aff.local_att.0.weight"
     assert rel_err(compiled_model.get_parameter(name).grad,
                    eager_model.get_parameter(name).grad) < 1e-3
+
+
+def philox4x32_10(seed: int, step: int, groups):
+    """NumPy port of ATen's at::Philox4_32(seed, subsequence=group, offset=step) block:
+    the four 32-bit outputs of each group (a numpy integer array), as in
+    ATen/core/PhiloxRNGEngine.h."""
+    import numpy as np
+    mask = np.uint64(0xFFFFFFFF)
+    groups = groups.astype(np.uint64)
+    c0 = np.full(groups.shape, step & 0xFFFFFFFF, np.uint64)
+    c1 = np.full(groups.shape, step >> 32, np.uint64)
+    c2, c3 = groups & mask, groups >> np.uint64(32)
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(10):
+        p0, p1 = c0 * np.uint64(0xD2511F53), c2 * np.uint64(0xCD9E8D57)
+        c0, c1, c2, c3 = ((p1 >> np.uint64(32)) ^ c1 ^ np.uint64(k0), p1 & mask,
+                          (p0 >> np.uint64(32)) ^ c3 ^ np.uint64(k1), p0 & mask)
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+@pytest.mark.parametrize("seed, hw", [(1234, (16, 16)), (2**40 + 7, (5, 7))])
+def test_cpu_dropout_mask_is_atens_philox(seed, hw):
+    """The CPU kernels' dropout bits are ATen's Philox-4×32-10 keyed by (seed, step,
+    element): element i of step j keeps iff (bits >> 8)/2²⁴ ≥ p, bits = output i mod 4 of
+    block (seed, subsequence i // 4, offset j). The CUDA kernels draw through at::Philox4_32
+    itself, so this is what makes CPU and GPU masks equal (checked on a GPU by
+    test_cuda_dropout_mask_matches_cpu). Odd plane sizes start planes mid-block."""
+    import numpy as np
+    h, w = hw
+    x, weights, gammas, betas = sr_args(n=3, h=h, w=w, dtype=torch.float32)
+    p = 0.3
+    out = OPS.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, p,
+                                   torch.tensor(seed))[0]
+    # step j's cout output channels are planes (n·cout + c) of its pre-BN map; the first
+    # `keep` of them (ceil(cout/2), all for the last step) go to out[:, out_c0:out_c0+keep]
+    n, hwn, out_c0 = x.shape[0], h * w, x.shape[1] // (len(weights) + 1)  # S1 first
+    checked = 0
+    for step, weight in enumerate(weights):
+        cout = weight.shape[0]
+        keep_n = cout if step == len(weights) - 1 else -(-cout // 2)
+        index = (np.arange(n)[:, None, None] * cout + np.arange(keep_n)[None, :, None]) * hwn \
+            + np.arange(hwn)[None, None, :]
+        outputs = philox4x32_10(seed, step, index // 4)
+        bits = np.choose((index % 4).astype(np.int64), outputs).astype(np.uint64)
+        keep = (bits >> np.uint64(8)).astype(np.float32) * np.float32(1.0 / 16777216.0) \
+            >= np.float32(p)
+        got = (out[:, out_c0:out_c0 + keep_n].reshape(n, keep_n, hwn) != 0).numpy()
+        assert (~keep).any()
+        assert (got == keep).all(), f"step {step}: {(got != keep).sum()} of {keep.size} differ"
+        out_c0 += keep_n
+        checked += keep.size
+    assert out_c0 == x.shape[1] and checked > 0

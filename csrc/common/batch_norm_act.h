@@ -17,19 +17,14 @@
 namespace saffnet_fast {
 
 // Element `index` of a step draws output (index mod 4) of Philox block (index / 4): one
-// block of 10 rounds serves four consecutive elements (dropout_bits4 on the CPU, which walks
-// elements in order; the CUDA kernels call dropout_bits per element).
+// block of 10 rounds serves four consecutive elements. The CUDA kernels call dropout_bits
+// per element; the CPU kernels generate 64 blocks at once (cpu/philox_vec.h), bit for bit
+// the same.
 SAFFNET_HOST_DEVICE_INLINE uint32_t dropout_bits(uint64_t seed, uint64_t step, uint64_t index) {
   at::Philox4_32 engine(seed, /*subsequence=*/index >> 2, /*offset=*/step);
   uint32_t r = engine();
   for (uint64_t k = 0; k < (index & 3); ++k) r = engine();
   return r;
-}
-
-// The four draws of block `group` (elements 4·group … 4·group + 3).
-inline void dropout_bits4(uint64_t seed, uint64_t step, uint64_t group, uint32_t (&r)[4]) {
-  at::Philox4_32 engine(seed, group, step);
-  for (int k = 0; k < 4; ++k) r[k] = engine();
 }
 
 // keep ⇔ u ≥ p with u = 24 random bits / 2²⁴ ∈ [0, 1), exactly representable in float.
