@@ -568,9 +568,12 @@ def make_op_workload(case: OpCase, provider: str, mode: str, batch: int,
 # eager: reference modules, eager; compile: the same under torch.compile; fast: backend
 # 'auto' (native / triton where they run); fast_optimized: fast after
 # optimize_for_inference; fast_optimized_cudagraphs: the same with CUDA graphs (GPU only);
+# fast_optimized_compile: fast_optimized under torch.compile (the fused ops stay opaque
+# custom ops, inductor compiles the HRNet convolutions and everything between them);
 # hrnet_w32: the baseline HRNet-W32, eager, for context.
 MODEL_PROVIDERS = ("eager", "compile", "fast", "fast_optimized", "fast_optimized_cudagraphs",
-                   "hrnet_w32")
+                   "fast_optimized_compile", "hrnet_w32")
+_COMPILED_PROVIDERS = ("compile", "fast_optimized_compile")
 _TRAIN_PROVIDERS = ("eager", "compile", "fast", "hrnet_w32")
 
 
@@ -716,7 +719,11 @@ def _model_factory(provider: str, models, cfg: ModelBenchConfig, dev: torch.devi
     if provider == "fast_optimized_cudagraphs" and dev.type != "cuda":
         raise ProviderUnavailable("CUDA graphs need a CUDA device")
     model.eval()
-    return _optimize(model, example, provider == "fast_optimized_cudagraphs"), resolved
+    model = _optimize(model, example, provider == "fast_optimized_cudagraphs")
+    if provider == "fast_optimized_compile":  # what optimize_for_inference(compile=True) does
+        raise_compile_limits()
+        model = torch.compile(model)
+    return model, resolved
 
 
 def _error_text(exc: BaseException) -> str:
@@ -767,7 +774,7 @@ def _measure(section, provider, precision, batch, cfg, dev, log, label, prepare)
         return _record(section, provider, found["backend"], precision, batch, cfg,
                        status="error", reason=_error_text(exc))
     finally:
-        if provider == "compile":  # free the compiled graphs before the next provider
+        if provider in _COMPILED_PROVIDERS:  # free the compiled graphs before the next one
             torch._dynamo.reset()
     log(f"  {section:9s} {provider:26s} {precision:8s} b{batch:<3d} "
         f"{timing['median_s'] * 1e3:10.2f} ms  {batch / timing['median_s']:9.1f} img/s")

@@ -151,3 +151,24 @@ def test_partial_results_are_saved_after_each_measurement(tmp_path, monkeypatch,
     final = json.loads(out.read_text())
     assert "partial" not in final and final["results"] == saved[-1]["results"]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_fast_optimized_compile_provider_wraps_the_optimized_model():
+    """fast_optimized_compile = optimize_for_inference, then torch.compile (built here, not
+    run: compiling takes tens of seconds on a small CPU)."""
+    from saffnet_fast import bench
+    from saffnet_fast import models as saffnet_models
+
+    cfg = bench.ModelBenchConfig.preset_config("tiny", "cpu")
+    example = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model, backend = bench._model_factory("fast_optimized_compile", saffnet_models, cfg,
+                                          torch.device("cpu"), torch.float32, example,
+                                          training=False, weights={})
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    inner = model._orig_mod
+    assert not inner.training and not any(p.requires_grad for p in inner.parameters())
+    assert backend in ("native", "reference")
+    with pytest.raises(bench.ProviderUnavailable, match="inference only"):
+        bench._model_factory("fast_optimized_compile", saffnet_models, cfg,
+                             torch.device("cpu"), torch.float32, example, training=True,
+                             weights={})

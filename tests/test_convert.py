@@ -1,5 +1,6 @@
 """convert / convert back / fold_batchnorm / optimize_for_inference on a small model that is
 not SAFFNet."""
+import copy
 import warnings
 
 import pytest
@@ -244,6 +245,26 @@ def test_optimize_for_inference_cuda_graph_needs_cuda():
         optimize_for_inference(model, cuda_graph=True, example_input=torch.randn(1, 3, 4, 4))
     with pytest.raises(TypeError, match="example_input"):
         optimize_for_inference(model, example_input=[1, 2])
+
+
+def test_optimize_for_inference_compile_matches_eval_reference():
+    """compile=True: torch.compile of the optimized model (the fused ops as opaque custom
+    ops inside the compiled graph), same outputs as the eval-mode reference."""
+    torch.manual_seed(4)
+    reference = _randomize_bn(LittleNet()).eval()
+    model = copy.deepcopy(reference)
+    x = torch.randn(2, 3, 9, 7)
+    compiled = optimize_for_inference(model, example_input=x, compile=True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled._orig_mod is model
+    with torch.no_grad():
+        got = compiled(x.contiguous(memory_format=torch.channels_last))
+        want = reference(x)
+    assert _rel(got, want) < 1e-5
+    with pytest.raises(ValueError, match="compile, cuda_graph"):
+        optimize_for_inference(LittleNet(), compile=True, cuda_graph=True)
+    with pytest.raises(TypeError, match="compile"):
+        optimize_for_inference(LittleNet(), compile="yes")
 
 
 def test_build_model_backend_goes_through_convert():

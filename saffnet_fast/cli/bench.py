@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-save", action="store_true", help="do not write a JSON file")
     parser.add_argument("--providers", default=None,
                         help="comma-separated subset of: eager, compile, fast, fast_optimized, "
-                             "fast_optimized_cudagraphs, hrnet_w32")
+                             "fast_optimized_cudagraphs, fast_optimized_compile, hrnet_w32")
     parser.add_argument("--batch", default=None, metavar="N[,N...]",
                         help="inference batch sizes (comma-separated)")
     parser.add_argument("--train-batch", type=int, default=None, metavar="N",
