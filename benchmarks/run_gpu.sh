@@ -20,11 +20,24 @@
 # outputs stay on the machine between calls while it is warm; torch.compile of each shape is
 # most of the benchmark phases' time).
 #
+# On the workplace's device tool (10-minute calls, 30 minutes of device time, at most 8
+# files back from $OUT, a machine that goes back 30 s after a call): set DEADLINE_S (the
+# seconds this call may use, e.g. 560) and PACK_OUT=1, and use the two lease phases:
+#   lease-1   build, exception check, parity (-n 14, -v), op benchmarks without the compile
+#             provider (spec matrix, forward and forward + backward), the model at batch 64
+#             in float32 and float16 without compile and without training
+#   lease-2   build, the compile provider of the op benchmarks, the model's compile
+#             providers and the training step
+# Steps run under `timeout` of the time left; a step that would start with under 30 s left
+# is skipped and logged. PACK_OUT=1 leaves in $OUT only logs.tgz (every log) and the result
+# JSONs, which the op and model benchmarks rewrite after each measurement (a step stopped
+# by its time limit keeps what it measured).
+#
 # Environment: OUT, PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0),
 #   BENCH_MAX_TIME (pytest-benchmark seconds per test, default 0.25), OPS_MATRIX (matrix of
 #   the ops phase, default spec), BENCH_DEVICE (default cuda; cpu only for a dry run),
 #   SAFFNET_BENCH_PROVIDERS (e.g. reference,native,triton to leave compile out),
-#   PYTEST_ARGS (extra arguments of the test phase, e.g. "-n 8").
+#   PYTEST_ARGS (extra arguments of the test phase, e.g. "-n 8"), DEADLINE_S, PACK_OUT.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,11 +55,21 @@ FAILED=()
 
 log() { echo "[$(date -u +%T)] $*" | tee -a "$LOG"; }
 
+left() { echo $(( ${DEADLINE_S:-100000} - SECONDS )); }
+
 step() {  # step NAME COMMAND...: run, log its output to $OUT/NAME.log, remember failures
     local name="$1"; shift
+    local budget
+    budget=$(left)
+    [ "$budget" -gt "${STEP_MAX_S:-100000}" ] && budget=${STEP_MAX_S}  # a per-step cap
+    if [ "$budget" -lt 30 ]; then
+        log "skip $name: ${budget} s left of DEADLINE_S"
+        FAILED+=("$name(skipped)")
+        return 0
+    fi
     log "start $name: $*"
     local t0=$SECONDS
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout "$budget" "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
     log "end $name: rc=$rc in $((SECONDS - t0)) s"
     [ "$rc" -eq 0 ] || FAILED+=("$name(rc=$rc)")
@@ -116,6 +139,39 @@ phase_model_float16() {
 }
 phase_model() { phase_model_float32; phase_model_float16; }
 
+OPS_SELECTION="forward-float or forward_backward-float"
+ops_providers() {  # ops_providers PROVIDERS OP: spec matrix, forward and forward + backward
+    local providers="$1" op="$2"
+    local base="ops-cuda-spec-$op-${providers//,/-}-$STAMP"
+    step "$base" "$PY" -m pytest benchmarks/test_ops_speed.py --benchmark-only -q -rs \
+        -p no:cacheprovider --bench-device "$BENCH_DEVICE" --bench-matrix spec --bench-ops "$op" \
+        --bench-providers "$providers" -k "$OPS_SELECTION" \
+        --benchmark-max-time="$BENCH_MAX_TIME" --benchmark-min-rounds=10 \
+        --bench-summary-json="$OUT/$base-summary.json"
+    keep "$OUT/$base-summary.json"
+}
+phase_lease_1() {
+    phase_build
+    STEP_MAX_S=200 PYTEST_ARGS="${PYTEST_ARGS:--n 14}" phase_test
+    for op in scaff sawf split_resplice; do
+        STEP_MAX_S=100 ops_providers reference,native,triton "$op"
+    done
+    step "model-cuda-b64-$STAMP" "$PY" -m saffnet_fast.cli.main bench --device cuda \
+        --batch 64 --dtypes float32,float16 --no-train --min-time 0.3 \
+        --providers eager,fast,fast_optimized,fast_optimized_cudagraphs,hrnet_w32 \
+        --out "$OUT/model-cuda-b64-$STAMP.json"
+    keep "$OUT/model-cuda-b64-$STAMP.json"
+}
+phase_lease_2() {
+    phase_build
+    step "model-cuda-b64-compile-$STAMP" "$PY" -m saffnet_fast.cli.main bench --device cuda \
+        --batch 64 --train-batch 32 --dtypes float16,float32 --min-time 0.3 \
+        --providers eager,compile,fast,fast_optimized_compile \
+        --out "$OUT/model-cuda-b64-compile-$STAMP.json"
+    keep "$OUT/model-cuda-b64-compile-$STAMP.json"
+    for op in scaff sawf split_resplice; do STEP_MAX_S=150 ops_providers reference,compile "$op"; done
+}
+
 PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
 for phase in "${PHASES[@]}"; do
@@ -129,7 +185,9 @@ for phase in "${PHASES[@]}"; do
         model) phase_model ;;
         model-float32) phase_model_float32 ;;
         model-float16) phase_model_float16 ;;
-        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, build, test, ops, ops-<op>, ops-full, model, model-float32, model-float16)" >&2
+        lease-1) phase_lease_1 ;;
+        lease-2) phase_lease_2 ;;
+        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, build, test, ops, ops-<op>, ops-full, model, model-float32, model-float16, lease-1, lease-2)" >&2
            exit 2 ;;
     esac
 done
@@ -137,8 +195,18 @@ done
 if [ -f "$ROOT/benchmarks/plot_results.py" ]; then
     "$PY" "$ROOT/benchmarks/plot_results.py" --out-dir "$OUT" "$OUT"/*.json >> "$LOG" 2>&1 || true
 fi
+pack() {  # PACK_OUT=1: every log in logs.tgz, the result JSONs beside it (≤ 8 files back)
+    [ "${PACK_OUT:-0}" = 1 ] || return 0
+    local tmp
+    tmp="$(mktemp)"
+    (cd "$OUT" && tar czf "$tmp" . \
+        && find . -mindepth 1 ! -name '*summary.json' ! -name 'model-*.json' ! -name 'info.json' \
+               -delete && mv "$tmp" logs.tgz)
+}
 if [ ${#FAILED[@]} -gt 0 ]; then
     log "FAILED steps: ${FAILED[*]}"
+    pack
     exit 1
 fi
 log "all steps passed; results in $OUT"
+pack
