@@ -59,7 +59,12 @@ def _extensions():
     opt = ["-O0", "-g", "-UNDEBUG"] if debug else ["-O3"]
     # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 for
     # torch 2.13, C++20 from 2.14).
-    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unused-function"]
+    # -fno-trapping-math: lets GCC if-convert and vectorise loops with a conditional FP op
+    # (LeakyReLU's `v > 0 ? v : v·slope`, masked sums); under the default it keeps them
+    # scalar and branchy, because the speculated multiply might raise an FP exception flag,
+    # which nothing here reads. Results are unchanged (no reassociation, unlike
+    # -ffast-math). Measured: LeakyReLU over 2.2M random floats, 9.0 → 0.6 ms.
+    cxx = opt + ["-fopenmp", "-fno-trapping-math", "-Wall", "-Wno-unused-function"]
     define_macros = [
         ("SAFFNET_TORCH_VERSION", f'"{torch.__version__}"'),
     ]

@@ -22,6 +22,7 @@
 
 #include "../common/split_resplice.h"
 #include "../common/split_resplice_checks.h"
+#include "plane_ops.h"
 
 namespace saffnet_fast {
 namespace {
@@ -155,8 +156,8 @@ void split_resplice_forward_kernel(const at::Tensor& x, at::TensorList weights,
         for (int64_t o = 0; o < cj; ++o) {
           scalar_t* dst = (o < s.keep ? op + (n * C + s.out_offset + o) * HW
                                       : cp + (n * CC + s.carry_out + (o - s.keep)) * HW) + h * W;
-          const acc_t* a = acc.data() + o * W;
-          for (int64_t w = 0; w < W; ++w) dst[w] = static_cast<scalar_t>(leaky_relu(a[w], slope));
+          bn_leaky_relu_plane<acc_t, scalar_t, acc_t>(acc.data() + o * W, dst, W, acc_t(1),
+                                                      acc_t(0), slope, nullptr);
         }
       }
     });

@@ -26,6 +26,7 @@
 #include "../common/split_resplice.h"
 #include "../common/split_resplice_train.h"
 #include "philox_vec.h"
+#include "plane_ops.h"
 
 namespace saffnet_fast {
 namespace {
@@ -190,16 +191,10 @@ struct CpuKernels {
           const acc_t shift = static_cast<acc_t>(bp[c]) - static_cast<acc_t>(mp[c]) * scale;
           const scalar_t* src = vp + n * vn + c * vc;
           scalar_t* dst = c < keep ? kp + n * kn + c * kc : cp + n * cn + (c - keep) * cc;
-          if (a.p > 0) {
+          if (a.p > 0)
             dropout_scales<acc_t>(a, static_cast<uint64_t>((n * Cj + c) * HW), HW, drop.data());
-            for (int64_t i = 0; i < HW; ++i)
-              dst[i] = static_cast<scalar_t>(
-                  leaky_relu(static_cast<acc_t>(src[i]) * scale + shift, slope) * drop[i]);
-          } else {
-            for (int64_t i = 0; i < HW; ++i)
-              dst[i] = static_cast<scalar_t>(
-                  leaky_relu(static_cast<acc_t>(src[i]) * scale + shift, slope));
-          }
+          bn_leaky_relu_plane<scalar_t, scalar_t, acc_t>(src, dst, HW, scale, shift, slope,
+                                                         a.p > 0 ? drop.data() : nullptr);
         }
       });
     });
