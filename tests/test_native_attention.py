@@ -11,7 +11,7 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SAWF, SCAFF, CoordAttention
 
-from parity_utils import rel_err
+from parity_utils import randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
@@ -178,15 +178,7 @@ def test_coord_scale_gradcheck_opcheck_poison():
 
 # -------------------------------------------------------------- module entry points
 def randomized(module: torch.nn.Module, dtype, seed=0) -> torch.nn.Module:
-    """Non-trivial BN statistics and affine parameters, so folding mistakes show."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return module.to(dtype)
+    return randomize_batchnorm(module, seed).to(dtype)
 
 
 MODULES = {

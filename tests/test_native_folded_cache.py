@@ -11,7 +11,7 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SAWF, SCAFF, SplitResplice
 
-from parity_utils import rel_err
+from parity_utils import randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
@@ -30,13 +30,7 @@ MODULES = {
 def make(kind, dtype=torch.float64, seed=0):
     factory, fn = MODULES[kind]
     torch.manual_seed(seed)
-    module = factory()
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    module = randomize_batchnorm(factory(), seed)
     return module.to(dtype).eval(), fn()
 
 

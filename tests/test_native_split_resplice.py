@@ -7,7 +7,7 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SplitResplice
 
-from parity_utils import rel_err
+from parity_utils import randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
@@ -22,14 +22,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def randomized(module, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for step in module.steps:
-        bn = step.bn
-        bn.running_mean.copy_(torch.rand(bn.num_features, generator=gen) - 0.5)
-        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
-        bn.weight.data.copy_(torch.rand(bn.num_features, generator=gen) + 0.5)
-        bn.bias.data.copy_(torch.rand(bn.num_features, generator=gen) - 0.5)
-    return module.to(dtype).eval()
+    return randomize_batchnorm(module, seed).to(dtype).eval()
 
 
 def folded(module):

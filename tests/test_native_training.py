@@ -16,7 +16,7 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SAWF, SCAFF, SplitResplice
 
-from parity_utils import rel_err
+from parity_utils import randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
@@ -30,15 +30,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 
 
 def randomized(module: torch.nn.Module, dtype, seed=0) -> torch.nn.Module:
-    """Non-trivial BN affine parameters and running statistics."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-    return module.to(dtype).train()
+    return randomize_batchnorm(module, seed).to(dtype).train()
 
 
 def _scaled_err(got, want, total) -> float:
