@@ -20,8 +20,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <mutex>
-#include <utility>
 #include <vector>
 
 #include "../common/aff_fuse_checks.h"
@@ -163,8 +161,7 @@ void aff_fuse_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const
   const int64_t off_ah = 0, off_aw = off_ah + N * C * H, off_g = off_aw + N * C * W,
                 off_w1 = off_g + N * C, off_b1 = off_w1 + Ci * C, off_w2 = off_b1 + Ci,
                 off_b2 = off_w2 + C * Ci, red_size = off_b2 + C;
-  std::mutex mutex;
-  std::vector<std::pair<int64_t, std::vector<acc_t>>> partials;
+  ChunkResults<std::vector<acc_t>> chunks;
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     TileForward<scalar_t, acc_t> tile(C, Ci, W);
@@ -212,27 +209,17 @@ void aff_fuse_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const
                                DX.data(), DM.data(), targets, n, np);
     }
     backward.flush_weight_grads(red.data() + off_w1, red.data() + off_w2);
-    std::lock_guard<std::mutex> lock(mutex);
-    partials.emplace_back(begin, std::move(red));
+    chunks.add(begin, std::move(red));
   });
 
-  // Sum the chunks' reductions in chunk order (deterministic for a given thread count).
-  std::sort(partials.begin(), partials.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<acc_t> total(red_size, acc_t(0));
-  for (const auto& part : partials)
-    for (int64_t i = 0; i < red_size; ++i) total[i] += part.second[i];
-  auto store = [&](at::Tensor& t, int64_t offset) {
-    scalar_t* p = t.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<scalar_t>(total[offset + i]);
-  };
-  store(ga_h, off_ah);
-  store(ga_w, off_aw);
-  store(gg, off_g);
-  store(gw1, off_w1);
-  store(gb1, off_b1);
-  store(gw2, off_w2);
-  store(gb2, off_b2);
+  const std::vector<acc_t> total = summed_in_order(chunks, red_size);
+  store_from<scalar_t>(ga_h, total, off_ah);
+  store_from<scalar_t>(ga_w, total, off_aw);
+  store_from<scalar_t>(gg, total, off_g);
+  store_from<scalar_t>(gw1, total, off_w1);
+  store_from<scalar_t>(gb1, total, off_b1);
+  store_from<scalar_t>(gw2, total, off_w2);
+  store_from<scalar_t>(gb2, total, off_b2);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,

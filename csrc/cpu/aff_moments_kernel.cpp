@@ -18,9 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <mutex>
 #include <optional>
-#include <utility>
 #include <vector>
 
 #include "../common/aff_fuse_checks.h"
@@ -51,21 +49,18 @@ void aff_moments_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, cons
                                 const std::optional<at::Tensor>& b2t, at::Tensor& mean_out,
                                 at::Tensor& var_out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
-  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
-  const bool stage2 = w2t.has_value();
-  const int64_t Co = stage2 ? C : Ci;
-  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
-  const auto w2 = stage2 ? to_acc<acc_t, scalar_t>(*w2t) : std::vector<acc_t>();
-  const auto b2 = stage2 ? to_acc<acc_t, scalar_t>(*b2t) : std::vector<acc_t>();
+  const LocalAttSetup<scalar_t, acc_t> la(x, w1t, b1t, w2t, b2t);
+  const int64_t N = la.N, C = la.C, W = la.W, Ci = la.Ci, HW = la.HW;
+  const int64_t tiles = la.tiles, Co = la.Co;
+  const bool stage2 = la.stage2;
+  const std::vector<acc_t>&w1 = la.w1, &b1 = la.b1, &w2 = la.w2, &b2 = la.b2;
   const Strides4 xs(x);
   const Strides3 hs3(a_h), ws3(a_w);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* ahp = a_h.const_data_ptr<scalar_t>();
   const scalar_t* awp = a_w.const_data_ptr<scalar_t>();
 
-  std::mutex mutex;
-  std::vector<std::pair<int64_t, ChannelMoments>> partials;
+  ChunkResults<ChannelMoments> chunks;
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     TileForward<scalar_t, acc_t> tile(C, Ci, W);
     ChannelMoments moments(Co);
@@ -85,16 +80,12 @@ void aff_moments_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, cons
         moments.merge(c, static_cast<double>(np), m, q);
       }
     }
-    std::lock_guard<std::mutex> lock(mutex);
-    partials.emplace_back(begin, std::move(moments));
+    chunks.add(begin, std::move(moments));
   });
-  std::sort(partials.begin(), partials.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
   ChannelMoments total(Co);
-  for (const auto& part : partials)
+  for (const ChannelMoments& part : chunks.in_order())
     for (int64_t c = 0; c < Co; ++c)
-      if (part.second.count[c] > 0)
-        total.merge(c, part.second.count[c], part.second.mean[c], part.second.m2[c]);
+      if (part.count[c] > 0) total.merge(c, part.count[c], part.mean[c], part.m2[c]);
   scalar_t* mp = mean_out.mutable_data_ptr<scalar_t>();
   scalar_t* vp = var_out.mutable_data_ptr<scalar_t>();
   for (int64_t c = 0; c < Co; ++c) {
@@ -134,13 +125,11 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
                                  at::Tensor& ga_w, at::Tensor& gw1, at::Tensor& gb1,
                                  at::Tensor& gw2, at::Tensor& gb2) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
-  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
-  const bool stage2 = w2t.has_value();
-  const int64_t Co = stage2 ? C : Ci;
-  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
-  const auto w2 = stage2 ? to_acc<acc_t, scalar_t>(*w2t) : std::vector<acc_t>();
-  const auto b2 = stage2 ? to_acc<acc_t, scalar_t>(*b2t) : std::vector<acc_t>();
+  const LocalAttSetup<scalar_t, acc_t> la(x, w1t, b1t, w2t, b2t);
+  const int64_t N = la.N, C = la.C, H = la.H, W = la.W, Ci = la.Ci, HW = la.HW;
+  const int64_t tiles = la.tiles, Co = la.Co;
+  const bool stage2 = la.stage2;
+  const std::vector<acc_t>&w1 = la.w1, &b1 = la.b1, &w2 = la.w2, &b2 = la.b2;
   const auto w1_tr = transposed(w1, Ci, C);
   const auto w2_tr = stage2 ? transposed(w2, C, Ci) : std::vector<acc_t>();
   const auto gmean = to_acc<acc_t, scalar_t>(gmean_t), gvar = to_acc<acc_t, scalar_t>(gvar_t);
@@ -156,8 +145,7 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
   const int64_t off_ah = 0, off_aw = off_ah + N * C * H, off_w1 = off_aw + N * C * W,
                 off_b1 = off_w1 + Ci * C, off_w2 = off_b1 + Ci,
                 off_b2 = off_w2 + (stage2 ? C * Ci : 0), red_size = off_b2 + (stage2 ? C : 0);
-  std::mutex mutex;
-  std::vector<std::pair<int64_t, std::vector<acc_t>>> partials;
+  ChunkResults<std::vector<acc_t>> chunks;
 
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     TileForward<scalar_t, acc_t> tile(C, Ci, W);
@@ -197,26 +185,17 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
                                nullptr, nullptr, targets, n, np);
     }
     backward.flush_weight_grads(red.data() + off_w1, stage2 ? red.data() + off_w2 : nullptr);
-    std::lock_guard<std::mutex> lock(mutex);
-    partials.emplace_back(begin, std::move(red));
+    chunks.add(begin, std::move(red));
   });
 
-  std::sort(partials.begin(), partials.end(),
-            [](const auto& a, const auto& b) { return a.first < b.first; });
-  std::vector<acc_t> total(red_size, acc_t(0));
-  for (const auto& part : partials)
-    for (int64_t i = 0; i < red_size; ++i) total[i] += part.second[i];
-  auto store = [&](at::Tensor& t, int64_t offset) {
-    scalar_t* p = t.mutable_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<scalar_t>(total[offset + i]);
-  };
-  store(ga_h, off_ah);
-  store(ga_w, off_aw);
-  store(gw1, off_w1);
-  store(gb1, off_b1);
+  const std::vector<acc_t> total = summed_in_order(chunks, red_size);
+  store_from<scalar_t>(ga_h, total, off_ah);
+  store_from<scalar_t>(ga_w, total, off_aw);
+  store_from<scalar_t>(gw1, total, off_w1);
+  store_from<scalar_t>(gb1, total, off_b1);
   if (stage2) {
-    store(gw2, off_w2);
-    store(gb2, off_b2);
+    store_from<scalar_t>(gw2, total, off_w2);
+    store_from<scalar_t>(gb2, total, off_b2);
   }
 }
 

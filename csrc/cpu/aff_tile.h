@@ -6,7 +6,11 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <mutex>
+#include <optional>
+#include <utility>
 #include <vector>
 
 #include "../common/attention_math.h"
@@ -30,6 +34,64 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
   const at::Tensor c = t.contiguous();
   const scalar_t* p = c.const_data_ptr<scalar_t>();
   return std::vector<acc_t>(p, p + c.numel());
+}
+
+// Shape and acc_t weights of AFF's local_att as the CPU kernels read them: conv1 (w1 Ci×C,
+// b1 Ci) and, for the second stage, conv2 (w2 C×Ci, b2 C; empty without). Co is the channel
+// count of the map whose statistics aff_moments takes (C with stage 2, else Ci).
+template <typename scalar_t, typename acc_t>
+struct LocalAttSetup {
+  int64_t N, C, H, W, Ci, HW, tiles, Co;
+  bool stage2;
+  std::vector<acc_t> w1, b1, w2, b2;
+  LocalAttSetup(const at::Tensor& x, const at::Tensor& w1t, const at::Tensor& b1t,
+                const std::optional<at::Tensor>& w2t, const std::optional<at::Tensor>& b2t)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), Ci(w1t.size(0)),
+        HW(H * W), tiles((HW + kTile - 1) / kTile), Co(w2t.has_value() ? C : Ci),
+        stage2(w2t.has_value()), w1(to_acc<acc_t, scalar_t>(w1t)),
+        b1(to_acc<acc_t, scalar_t>(b1t)),
+        w2(stage2 ? to_acc<acc_t, scalar_t>(*w2t) : std::vector<acc_t>()),
+        b2(stage2 ? to_acc<acc_t, scalar_t>(*b2t) : std::vector<acc_t>()) {}
+};
+
+// The results of the chunks of one at::parallel_for, each kept with its chunk's first index
+// so that the caller combines them in chunk order: deterministic for a given thread count.
+template <typename T>
+class ChunkResults {
+ public:
+  void add(int64_t chunk_begin, T&& result) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    results_.emplace_back(chunk_begin, std::move(result));
+  }
+  // The results in chunk order.
+  std::vector<T> in_order() {
+    std::sort(results_.begin(), results_.end(),
+              [](const auto& a, const auto& b) { return a.first < b.first; });
+    std::vector<T> ordered;
+    ordered.reserve(results_.size());
+    for (auto& r : results_) ordered.push_back(std::move(r.second));
+    return ordered;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<int64_t, T>> results_;
+};
+
+// The element-wise sum, in chunk order, of the chunks' reduction buffers (size values each).
+template <typename acc_t>
+std::vector<acc_t> summed_in_order(ChunkResults<std::vector<acc_t>>& chunks, int64_t size) {
+  std::vector<acc_t> total(size, acc_t(0));
+  for (const auto& part : chunks.in_order())
+    for (int64_t i = 0; i < size; ++i) total[i] += part[i];
+  return total;
+}
+
+// t ← total[offset, offset + t.numel()), cast to t's dtype.
+template <typename scalar_t, typename acc_t>
+void store_from(at::Tensor& t, const std::vector<acc_t>& total, int64_t offset) {
+  scalar_t* p = t.mutable_data_ptr<scalar_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) p[i] = static_cast<scalar_t>(total[offset + i]);
 }
 
 // Everything one tile needs, recomputed identically by forward and backward:

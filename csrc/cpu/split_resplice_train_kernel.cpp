@@ -62,45 +62,23 @@ void dropout_scales(const StepArgs& a, uint64_t index0, int64_t len, acc_t* out)
   }
 }
 
-// Reductions over a plane in kLanes independent double partial sums (no loop-carried
-// dependency between lanes, so the compiler vectorises them; float lanes lost enough
-// precision to fail the whole-SAFFNet float32 gradient check), folded every kFold elements. A plain `double += element` loop is one latency-bound scalar add per
-// element: it made the statistics and the backward's Σdz passes slower than ATen's
-// unfused batch norm (profiled: SR(64) training backward self time 13 ms per call at batch
-// 8, 64×48).
+// Reductions over a plane in kLanes independent double partial sums, folded every kFold
+// elements: a plain `double += element` loop is one latency-bound scalar add per element,
+// while independent lanes vectorise. double, not float lanes: float lost enough precision to
+// fail the whole-SAFFNet float32 gradient check.
 constexpr int64_t kLanes = 16, kFold = 1024;
 
-template <typename scalar_t, typename acc_t>
-double plane_sum(const scalar_t* x, int64_t len) {
+// Σ term(i) for i < len.
+template <typename Term>
+double lane_sum(int64_t len, Term term) {
   double total = 0;
   for (int64_t b0 = 0; b0 < len; b0 += kFold) {
     const int64_t b1 = std::min(len, b0 + kFold);
     double lane[kLanes] = {};
     int64_t i = b0;
     for (; i + kLanes <= b1; i += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) lane[l] += static_cast<double>(x[i + l]);
-    for (; i < b1; ++i) lane[0] += static_cast<double>(x[i]);
-    for (int64_t l = 0; l < kLanes; ++l) total += lane[l];
-  }
-  return total;
-}
-
-template <typename scalar_t, typename acc_t>
-double plane_centred_squares(const scalar_t* x, int64_t len, double mean) {
-  double total = 0;
-  for (int64_t b0 = 0; b0 < len; b0 += kFold) {
-    const int64_t b1 = std::min(len, b0 + kFold);
-    double lane[kLanes] = {};
-    int64_t i = b0;
-    for (; i + kLanes <= b1; i += kLanes)
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const double d = static_cast<double>(x[i + l]) - mean;
-        lane[l] += d * d;
-      }
-    for (; i < b1; ++i) {
-      const double d = static_cast<double>(x[i]) - mean;
-      lane[0] += d * d;
-    }
+      for (int64_t l = 0; l < kLanes; ++l) lane[l] += term(i + l);
+    for (; i < b1; ++i) lane[0] += term(i);
     for (int64_t l = 0; l < kLanes; ++l) total += lane[l];
   }
   return total;
@@ -149,10 +127,13 @@ struct CpuKernels {
           // Per plane: mean and centred sum of squares; planes merged pairwise (Chan et al.).
           double count = 0, mu = 0, m2 = 0;
           for (int64_t n = 0; n < N; ++n) {
-            using acc_t = at::opmath_type<scalar_t>;
             const scalar_t* plane = vp + n * sn + c * sc;
-            const double pm = plane_sum<scalar_t, acc_t>(plane, HW) / HW;
-            const double q = plane_centred_squares<scalar_t, acc_t>(plane, HW, pm);
+            const double pm =
+                lane_sum(HW, [plane](int64_t i) { return static_cast<double>(plane[i]); }) / HW;
+            const double q = lane_sum(HW, [plane, pm](int64_t i) {
+              const double d = static_cast<double>(plane[i]) - pm;
+              return d * d;
+            });
             const double total = count + HW, delta = pm - mu;
             mu += delta * HW / total;
             m2 += q + delta * delta * count * HW / total;
