@@ -14,6 +14,19 @@ inline void check_coord_factors(const at::Tensor& x, const at::Tensor& a_h, cons
   check_like(a_w, {x.size(0), x.size(1), x.size(3)}, x, op, "a_w");
 }
 
+// local_att's conv1: w1 Ci×C with C the channels of x, b1 Ci; returns Ci.
+inline int64_t check_local_att_conv1(const at::Tensor& x, const at::Tensor& w1,
+                                     const at::Tensor& b1, const char* op) {
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op,
+                    ": w1: expected a Ci×C weight with C = ", C,
+                    " (the channels of x), got shape ", w1.sizes());
+  const int64_t Ci = w1.size(0);
+  check_like(w1, {Ci, C}, x, op, "w1");
+  check_like(b1, {Ci}, x, op, "b1");
+  return Ci;
+}
+
 // w1: Ci×C (local_att conv1 with BN folded), b1: Ci, w2: C×Ci, b2: C, global_logit: N×C.
 inline void check_aff_args(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
                            const at::Tensor& global_logit, const at::Tensor& w1,
@@ -22,12 +35,7 @@ inline void check_aff_args(const at::Tensor& x, const at::Tensor& a_h, const at:
   check_coord_factors(x, a_h, a_w, op);
   const int64_t N = x.size(0), C = x.size(1);
   check_like(global_logit, {N, C}, x, op, "global_logit");
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op,
-                    ": w1: expected a Ci×C weight with C = ", C,
-                    " (the channels of x), got shape ", w1.sizes());
-  const int64_t Ci = w1.size(0);
-  check_like(w1, {Ci, C}, x, op, "w1");
-  check_like(b1, {Ci}, x, op, "b1");
+  const int64_t Ci = check_local_att_conv1(x, w1, b1, op);
   check_like(w2, {C, Ci}, x, op, "w2");
   check_like(b2, {C}, x, op, "b2");
 }
@@ -39,18 +47,27 @@ inline void check_aff_moments_args(const at::Tensor& x, const at::Tensor& a_h,
                                    const std::optional<at::Tensor>& b2, const char* op) {
   check_coord_factors(x, a_h, a_w, op);
   const int64_t C = x.size(1);
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == C && w1.size(0) >= 1, op,
-                    ": w1: expected a Ci×C weight with C = ", C,
-                    " (the channels of x), got shape ", w1.sizes());
-  const int64_t Ci = w1.size(0);
-  check_like(w1, {Ci, C}, x, op, "w1");
-  check_like(b1, {Ci}, x, op, "b1");
+  const int64_t Ci = check_local_att_conv1(x, w1, b1, op);
   TORCH_CHECK_VALUE(w2.has_value() == b2.has_value(), op,
                     ": w2, b2: expected both (stage 2) or neither (stage 1)");
   if (w2.has_value()) {
     check_like(*w2, {C, Ci}, x, op, "w2");
     check_like(*b2, {C}, x, op, "b2");
   }
+}
+
+// aff_moments_backward: aff_moments' arguments, and grad_mean, grad_var and mean, each a
+// vector over the statistics' channels (C with stage 2, else Ci).
+inline void check_aff_moments_backward_args(
+    const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& x,
+    const at::Tensor& a_h, const at::Tensor& a_w, const at::Tensor& w1, const at::Tensor& b1,
+    const std::optional<at::Tensor>& w2, const std::optional<at::Tensor>& b2,
+    const at::Tensor& mean, const char* op) {
+  check_aff_moments_args(x, a_h, a_w, w1, b1, w2, b2, op);
+  const int64_t Co = w2.has_value() ? x.size(1) : w1.size(0);
+  check_like(grad_mean, {Co}, x, op, "grad_mean");
+  check_like(grad_var, {Co}, x, op, "grad_var");
+  check_like(mean, {Co}, x, op, "mean");
 }
 
 // x itself when it is densely NCHW- or NHWC-ordered (the kernels index it through its

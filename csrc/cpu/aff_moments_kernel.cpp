@@ -206,12 +206,8 @@ aff_moments_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& grad_var
                          const std::optional<at::Tensor>& w2,
                          const std::optional<at::Tensor>& b2, const at::Tensor& mean) {
   const char* op = "aff_moments_backward";
-  check_aff_moments_args(x_in, a_h, a_w, w1, b1, w2, b2, op);
+  check_aff_moments_backward_args(grad_mean, grad_var, x_in, a_h, a_w, w1, b1, w2, b2, mean, op);
   check_cpu_dtype(x_in, op, "x");
-  const int64_t Co = w2.has_value() ? x_in.size(1) : w1.size(0);
-  check_like(grad_mean, {Co}, x_in, op, "grad_mean");
-  check_like(grad_var, {Co}, x_in, op, "grad_var");
-  check_like(mean, {Co}, x_in, op, "mean");
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(output_format(x)));

@@ -108,13 +108,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t ds = aff_combine_grad(go, xv, mv, wei).d_s;
     if (active) atomicAdd(gr.logit + n * C + c, ds);
     warp_atomic_add(gr.b2 + c, ds);
-#pragma unroll
-    for (int j = 0; j < kMaxCi; ++j) {
-      if (j < Ci) {
-        warp_atomic_add(gr.w2 + c * Ci + j, ds * relu(z[j]));
-        dz[j] += wt.w2[c * Ci + j] * ds;
-      }
-    }
+    conv2_backward_channel<acc_t, kMaxCi>(wt, gr.w2, c, Ci, z, ds, dz);
   }
 #pragma unroll
   for (int j = 0; j < kMaxCi; ++j) {
@@ -130,14 +124,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t awv = static_cast<acc_t>(a_w[n * s.wn + c * s.wc + w * s.wl]);
     const acc_t mv = ahv * awv;
     const acc_t t = xv + xv * mv;
-    acc_t dt = 0;
-#pragma unroll
-    for (int j = 0; j < kMaxCi; ++j) {
-      if (j < Ci) {
-        dt += wt.w1[j * C + c] * dz[j];
-        warp_atomic_add(gr.w1 + j * C + c, dz[j] * t);
-      }
-    }
+    const acc_t dt = conv1_backward_channel<acc_t, kMaxCi>(wt, gr.w1, C, c, Ci, dz, t);
     if (!active) continue;
     const acc_t wei = sigmoid(local_logit<acc_t, kMaxCi>(wt, c, Ci, z) +
                               static_cast<acc_t>(logit[n * s.ln + c * s.lc]));

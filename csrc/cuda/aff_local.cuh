@@ -11,6 +11,7 @@
 #include <type_traits>
 
 #include "../common/attention_math.h"
+#include "cuda_utils.cuh"
 
 namespace saffnet_fast {
 
@@ -54,6 +55,43 @@ __device__ __forceinline__ acc_t local_logit(const AffWeights<acc_t>& wt, int64_
   for (int j = 0; j < kMaxCi; ++j)
     if (j < Ci) l += wt.w2[c * Ci + j] * relu(z[j]);
   return l;
+}
+
+// Backward, one pixel. Every lane of the warp must call these (the weight gradients are
+// warp-reduced; inactive pixels pass zero gradients).
+
+// conv2 for channel c, from ds = dL/dl_c: grad_w2[c, j] += ds·relu(z[j]) and
+// dz[j] += W2[c, j]·ds (dz is W2ᵀ·ds before the ReLU mask, which the caller applies).
+template <typename acc_t, int kMaxCi>
+__device__ __forceinline__ void conv2_backward_channel(const AffWeights<acc_t>& wt,
+                                                       acc_t* grad_w2, int64_t c, int Ci,
+                                                       const acc_t (&z)[kMaxCi], acc_t ds,
+                                                       acc_t (&dz)[kMaxCi]) {
+#pragma unroll
+  for (int j = 0; j < kMaxCi; ++j) {
+    if (j < Ci) {
+      warp_atomic_add(grad_w2 + c * Ci + j, ds * relu(z[j]));
+      dz[j] += wt.w2[c * Ci + j] * ds;
+    }
+  }
+}
+
+// conv1 for channel c, from dz = dL/dz and t = x·(1 + m) of this pixel:
+// grad_w1[j, c] += dz[j]·t; returns dt = Σ_j W1[j, c]·dz[j].
+template <typename acc_t, int kMaxCi>
+__device__ __forceinline__ acc_t conv1_backward_channel(const AffWeights<acc_t>& wt,
+                                                        acc_t* grad_w1, int64_t C, int64_t c,
+                                                        int Ci, const acc_t (&dz)[kMaxCi],
+                                                        acc_t t) {
+  acc_t dt = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxCi; ++j) {
+    if (j < Ci) {
+      dt += wt.w1[j * C + c] * dz[j];
+      warp_atomic_add(grad_w1 + j * C + c, dz[j] * t);
+    }
+  }
+  return dt;
 }
 
 // Calls fn(std::integral_constant<int, kMaxCi>) with the smallest supported bound ≥ Ci.

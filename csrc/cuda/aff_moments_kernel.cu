@@ -150,13 +150,7 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t dy =
           active ? moment_grad(mg, c, local_logit<acc_t, kMaxCi>(wt, c, Ci, z)) : acc_t(0);
       warp_atomic_add(gr.b2 + c, dy);
-#pragma unroll
-      for (int j = 0; j < kMaxCi; ++j) {
-        if (j < Ci) {
-          warp_atomic_add(gr.w2 + c * Ci + j, dy * relu(z[j]));
-          dz[j] += wt.w2[c * Ci + j] * dy;
-        }
-      }
+      conv2_backward_channel<acc_t, kMaxCi>(wt, gr.w2, c, Ci, z, dy, dz);
     }
 #pragma unroll
     for (int j = 0; j < kMaxCi; ++j) dz[j] = z[j] > acc_t(0) ? dz[j] : acc_t(0);
@@ -176,14 +170,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t awv = static_cast<acc_t>(a_w[n * s.wn + c * s.wc + w * s.wl]);
     const acc_t mv = ahv * awv;
     const acc_t t = xv + xv * mv;
-    acc_t dt = 0;
-#pragma unroll
-    for (int j = 0; j < kMaxCi; ++j) {
-      if (j < Ci) {
-        dt += wt.w1[j * C + c] * dz[j];
-        warp_atomic_add(gr.w1 + j * C + c, dz[j] * t);
-      }
-    }
+    const acc_t dt = conv1_backward_channel<acc_t, kMaxCi>(wt, gr.w1, C, c, Ci, dz, t);
     if (!active) continue;
     gx[n * s.on + c * s.oc + h * s.oh + w * s.ow] = static_cast<scalar_t>(dt * (acc_t(1) + mv));
     const acc_t dm = dt * xv;
@@ -270,12 +257,8 @@ aff_moments_backward_cuda(const at::Tensor& grad_mean, const at::Tensor& grad_va
                           const std::optional<at::Tensor>& w2,
                           const std::optional<at::Tensor>& b2, const at::Tensor& mean) {
   const char* op = "aff_moments_backward";
-  check_aff_moments_args(x_in, a_h, a_w, w1, b1, w2, b2, op);
+  check_aff_moments_backward_args(grad_mean, grad_var, x_in, a_h, a_w, w1, b1, w2, b2, mean, op);
   check_cuda_dtype(x_in, op, "x");
-  const int64_t Co = w2.has_value() ? x_in.size(1) : w1.size(0);
-  check_like(grad_mean, {Co}, x_in, op, "grad_mean");
-  check_like(grad_var, {Co}, x_in, op, "grad_var");
-  check_like(mean, {Co}, x_in, op, "mean");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1.size(0);
