@@ -53,19 +53,44 @@ inline void aff_output_tile(double* res, const double* L, double glob, const dou
   for (int64_t p = 0; p < kTile; ++p) res[p] = aff_combine(X[p], M[p], sigmoid(L[p] + glob));
 }
 
-// wei[p] = σ(L[p] + glob) for the kTile pixels of one channel, as aff_output_tile computes
-// it (backward: the scalar libm sigmoid per element was ~30% of aff_fuse_backward's time).
-SAFFNET_CPU_CLONES void aff_weight_tile(float* __restrict__ wei, const float* __restrict__ L,
-                                        float glob) {
+// The gradients of aff_combine for the kTile pixels of one channel, from the incoming
+// gradient GO (zero beyond the tile's pixels, so all three are zero there, as TileBackward
+// needs): DX = ∂/∂x, DM = ∂/∂m, DS = ∂/∂(logit); returns ΣDS. wei = σ(L + glob) as
+// aff_output_tile computes it (the scalar libm sigmoid per element was ~30% of
+// aff_fuse_backward's time).
+template <typename T>
+SAFFNET_ALWAYS_INLINE T aff_combine_grad_body(T* __restrict__ DX, T* __restrict__ DM,
+                                              T* __restrict__ DS, const T* __restrict__ wei,
+                                              const T* __restrict__ GO, const T* __restrict__ X,
+                                              const T* __restrict__ M) {
+  T ds_sum = 0;
+#pragma omp simd reduction(+ : ds_sum)
+  for (int64_t p = 0; p < kTile; ++p) {
+    const AffCombineGrad<T> d = aff_combine_grad(GO[p], X[p], M[p], wei[p]);
+    DX[p] = d.d_x;
+    DM[p] = d.d_m;
+    DS[p] = d.d_s;
+    ds_sum += d.d_s;
+  }
+  return ds_sum;
+}
+SAFFNET_CPU_CLONES float aff_combine_grad_tile(float* DX, float* DM, float* DS, const float* L,
+                                               float glob, const float* GO, const float* X,
+                                               const float* M) {
+  alignas(64) float wei[kTile];
   for (int64_t v = 0; v < kTile; v += 16) {
     vfloat16 l;
     std::memcpy(&l, L + v, sizeof(l));
     const vfloat16 w = vec_sigmoid(l + glob);
     std::memcpy(wei + v, &w, sizeof(w));
   }
+  return aff_combine_grad_body(DX, DM, DS, wei, GO, X, M);
 }
-inline void aff_weight_tile(double* wei, const double* L, double glob) {
+double aff_combine_grad_tile(double* DX, double* DM, double* DS, const double* L, double glob,
+                             const double* GO, const double* X, const double* M) {
+  alignas(64) double wei[kTile];
   for (int64_t p = 0; p < kTile; ++p) wei[p] = sigmoid(L[p] + glob);
+  return aff_combine_grad_body(DX, DM, DS, wei, GO, X, M);
 }
 
 template <typename scalar_t>
@@ -101,10 +126,10 @@ void aff_fuse_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, const a
                         tile.M.data() + c * kTile);
         scalar_t* oc = op + n * os.n + c * os.c;
         if (out_plane_contiguous) {
+          prefetch_tile_ahead<1>(oc + p0);
           std::copy(res, res + np, oc + p0);
         } else {
-          for (int64_t p = 0; p < np; ++p)
-            oc[tile.hs[p] * os.h + tile.ws[p] * os.w] = static_cast<scalar_t>(res[p]);
+          store_tile(PlaneRef<scalar_t>{oc, os.h, os.w}, res, tile.seg, tile.nseg);
         }
       }
     }
@@ -168,45 +193,32 @@ void aff_fuse_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const
     TileBackward<scalar_t, acc_t> backward(C, Ci, true);
     std::vector<acc_t> red(red_size, acc_t(0));
     std::vector<acc_t> DX(C * kTile), DM(C * kTile), DS(C * kTile);
-    alignas(64) acc_t WEI[kTile];
+    alignas(64) acc_t GO[kTile];
+    const bool grad_plane_contiguous = gs.w == 1 && gs.h == W;
     const InputGradTargets<scalar_t, acc_t> targets{gxp, dxs, ahp, hs3, awp, ws3,
                                                     red.data() + off_ah, red.data() + off_aw,
                                                     C, H, W};
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
       const int64_t np = std::min(kTile, HW - p0);
-      const int64_t* hs = tile.hs;
-      const int64_t* ws = tile.ws;
       tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
       tile.local_logits(w2, b2);
       // Output stage: d_x, d_m direct and d_s through the sigmoid.
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t* L = tile.Lmat.data() + c * kTile;
-        const acc_t glob = static_cast<acc_t>(gp[n * gn + c * gc]);
-        const scalar_t* gradc = gradp + n * gs.n + c * gs.c;
-        const acc_t* Xc = tile.X.data() + c * kTile;
-        const acc_t* Mc = tile.M.data() + c * kTile;
-        acc_t* DXc = DX.data() + c * kTile;
-        acc_t* DMc = DM.data() + c * kTile;
-        acc_t* DSc = DS.data() + c * kTile;
-        acc_t ds_sum = 0;
-        aff_weight_tile(WEI, L, glob);
-        for (int64_t p = 0; p < np; ++p) {
-          const acc_t go = static_cast<acc_t>(gradc[hs[p] * gs.h + ws[p] * gs.w]);
-          const AffCombineGrad<acc_t> d = aff_combine_grad(go, Xc[p], Mc[p], WEI[p]);
-          DXc[p] = d.d_x;
-          DMc[p] = d.d_m;
-          DSc[p] = d.d_s;
-          ds_sum += d.d_s;
-        }
-        std::fill(DSc + np, DSc + kTile, acc_t(0));  // TileBackward's contract
+        const int64_t k = c * kTile;
+        if (grad_plane_contiguous) prefetch_tile_ahead(gradp + n * gs.n + c * gs.c + p0);
+        gather_tile(GO, PlaneRef<const scalar_t>{gradp + n * gs.n + c * gs.c, gs.h, gs.w},
+                    tile.seg, tile.nseg, np);
+        const acc_t ds_sum = aff_combine_grad_tile(
+            DX.data() + k, DM.data() + k, DS.data() + k, tile.Lmat.data() + k,
+            static_cast<acc_t>(gp[n * gn + c * gc]), GO, tile.X.data() + k, tile.M.data() + k);
         red[off_g + n * C + c] += ds_sum;
         red[off_b2 + c] += ds_sum;
       }
       // The two 1×1 convs and t = x·(1 + m): aff_tile.h, shared with aff_moments.
       backward.conv2(tile, DS.data(), w2_tr.data());
       backward.conv1_and_input(tile, w1_tr.data(), red.data() + off_b1,
-                               DX.data(), DM.data(), targets, n, np);
+                               DX.data(), DM.data(), targets, n);
     }
     backward.flush_weight_grads(red.data() + off_w1, red.data() + off_w2);
     chunks.add(begin, std::move(red));

@@ -71,13 +71,9 @@ void aff_moments_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, cons
       if (stage2) tile.local_logits(w2, b2);
       const acc_t* Y = stage2 ? tile.Lmat.data() : tile.Z.data();
       for (int64_t c = 0; c < Co; ++c) {
-        const acc_t* Yc = Y + c * kTile;
-        double s = 0;
-        for (int64_t p = 0; p < np; ++p) s += Yc[p];
-        const double m = s / np;
-        double q = 0;
-        for (int64_t p = 0; p < np; ++p) q += (Yc[p] - m) * (Yc[p] - m);
-        moments.merge(c, static_cast<double>(np), m, q);
+        double s, q;
+        tile_moments(Y + c * kTile, np, &s, &q);
+        moments.merge(c, static_cast<double>(np), s / static_cast<double>(np), q);
       }
     }
     chunks.add(begin, std::move(moments));
@@ -115,6 +111,23 @@ std::tuple<at::Tensor, at::Tensor> aff_moments_cpu(const at::Tensor& x_in, const
 // (the var term through the mean cancels: Σ(y − mean) = 0). Stage 2 back-propagates dy
 // through conv2 and the ReLU to dz; stage 1 has dz = dy. Then through conv1 to dt, and
 // t = x·(1 + m) gives grad_x = dt·(1 + m) and grad_m = dt·x.
+// DY[p] = a + b·(Y[p] − mean) for the tile's np pixels, zero beyond (TileBackward's
+// contract).
+template <typename T>
+SAFFNET_ALWAYS_INLINE void moments_grad_body(T* __restrict__ DY, const T* __restrict__ Y, T a,
+                                             T b, T mean, int64_t np) {
+#pragma omp simd
+  for (int64_t p = 0; p < kTile; ++p) DY[p] = p < np ? a + b * (Y[p] - mean) : T(0);
+}
+SAFFNET_CPU_CLONES void moments_grad_tile(float* DY, const float* Y, float a, float b,
+                                          float mean, int64_t np) {
+  moments_grad_body(DY, Y, a, b, mean, np);
+}
+SAFFNET_CPU_CLONES void moments_grad_tile(double* DY, const double* Y, double a, double b,
+                                          double mean, int64_t np) {
+  moments_grad_body(DY, Y, a, b, mean, np);
+}
+
 template <typename scalar_t>
 void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gvar_t,
                                  const at::Tensor& x, const at::Tensor& a_h,
@@ -161,28 +174,19 @@ void aff_moments_backward_kernel(const at::Tensor& gmean_t, const at::Tensor& gv
       tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
       if (stage2) tile.local_logits(w2, b2);
       const acc_t* Y = stage2 ? tile.Lmat.data() : tile.Z.data();
-      for (int64_t c = 0; c < Co; ++c) {
-        const acc_t a = gmean[c] * inv_count, b = gvar[c] * 2 * inv_count, mu = mean[c];
-        const acc_t* Yc = Y + c * kTile;
-        acc_t* DYc = DY.data() + c * kTile;
-        for (int64_t p = 0; p < np; ++p) DYc[p] = a + b * (Yc[p] - mu);
-        std::fill(DYc + np, DYc + kTile, acc_t(0));  // TileBackward's contract
-      }
+      for (int64_t c = 0; c < Co; ++c)
+        moments_grad_tile(DY.data() + c * kTile, Y + c * kTile, gmean[c] * inv_count,
+                          gvar[c] * 2 * inv_count, mean[c], np);
       // conv2 (stage 2) or DZ = DY (stage 1), then conv1 and t = x·(1 + m): aff_tile.h,
       // shared with aff_fuse.
       if (stage2) {
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* DYc = DY.data() + c * kTile;
-          acc_t s = 0;
-          for (int64_t p = 0; p < np; ++p) s += DYc[p];
-          red[off_b2 + c] += s;
-        }
+        row_sums(red.data() + off_b2, DY.data(), C);
         backward.conv2(tile, DY.data(), w2_tr.data());
       } else {
         std::copy(DY.begin(), DY.end(), backward.DZ.begin());
       }
       backward.conv1_and_input(tile, w1_tr.data(), red.data() + off_b1,
-                               nullptr, nullptr, targets, n, np);
+                               nullptr, nullptr, targets, n);
     }
     backward.flush_weight_grads(red.data() + off_w1, stage2 ? red.data() + off_w2 : nullptr);
     chunks.add(begin, std::move(red));

@@ -10,11 +10,13 @@
 #include <cstdint>
 #include <mutex>
 #include <optional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../common/attention_math.h"
 #include "tile_gemm.h"
+#include "tile_loops.h"
 
 namespace saffnet_fast {
 
@@ -95,12 +97,16 @@ void store_from(at::Tensor& t, const std::vector<acc_t>& total, int64_t offset) 
 }
 
 // Everything one tile needs, recomputed identically by forward and backward:
-// X = x, M = a_h·a_w, T = x·(1 + M) as [C][kTile]; Z = W1·T + b1 as [Ci][kTile] (pre-ReLU).
+// X = x, M = a_h·a_w, T = x·(1 + m) as [C][kTile]; Z = W1·T + b1 as [Ci][kTile] (pre-ReLU),
+// R = relu(Z); seg: the tile's row segments (tile_loops.h).
 template <typename scalar_t, typename acc_t>
 struct TileForward {
+  static_assert(std::is_same<scalar_t, acc_t>::value,
+                "CPU kernels compute in their scalar type (float or double)");
   int64_t C, Ci, W;
   std::vector<acc_t> X, M, T, Z, R, Lmat;
-  int64_t hs[kTile], ws[kTile];
+  RowSegment seg[kTile];
+  int64_t nseg = 0;
   TileForward(int64_t C_, int64_t Ci_, int64_t W_)
       : C(C_), Ci(Ci_), W(W_), X(C_ * kTile), M(C_ * kTile), T(C_ * kTile), Z(Ci_ * kTile),
         R(Ci_ * kTile), Lmat(C_ * kTile) {}
@@ -108,43 +114,20 @@ struct TileForward {
   void load(const scalar_t* x, const Strides4& xs, const scalar_t* a_h, const Strides3& hs3,
             const scalar_t* a_w, const Strides3& ws3, const std::vector<acc_t>& w1,
             const std::vector<acc_t>& b1, int64_t n, int64_t p0, int64_t np) {
-    for (int64_t p = 0; p < np; ++p) {
-      hs[p] = (p0 + p) / W;
-      ws[p] = (p0 + p) % W;
-    }
+    nseg = row_segments(seg, p0, np, W);
     const bool plane_contiguous = xs.w == 1 && xs.h == W;
     for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* xc = x + n * xs.n + c * xs.c;
-      const scalar_t* ahc = a_h + n * hs3.n + c * hs3.c;
-      const scalar_t* awc = a_w + n * ws3.n + c * ws3.c;
-      acc_t* Xc = X.data() + c * kTile;
-      acc_t* Mc = M.data() + c * kTile;
-      acc_t* Tc = T.data() + c * kTile;
-      if (plane_contiguous) {
-        // NCHW: the tile's pixels are consecutive in the plane.
-        const scalar_t* xt = xc + p0;
-        for (int64_t p = 0; p < np; ++p) {
-          const acc_t xv = static_cast<acc_t>(xt[p]);
-          const acc_t mv = static_cast<acc_t>(ahc[hs[p] * hs3.l]) * static_cast<acc_t>(awc[ws[p] * ws3.l]);
-          Xc[p] = xv;
-          Mc[p] = mv;
-          Tc[p] = xv + xv * mv;
-        }
-        continue;
-      }
-      for (int64_t p = 0; p < np; ++p) {
-        const acc_t xv = static_cast<acc_t>(xc[hs[p] * xs.h + ws[p] * xs.w]);
-        const acc_t mv = static_cast<acc_t>(ahc[hs[p] * hs3.l]) * static_cast<acc_t>(awc[ws[p] * ws3.l]);
-        Xc[p] = xv;
-        Mc[p] = mv;
-        Tc[p] = xv + xv * mv;
-      }
+      if (plane_contiguous) prefetch_tile_ahead(x + n * xs.n + c * xs.c + p0);
+      load_channel(X.data() + c * kTile, M.data() + c * kTile, T.data() + c * kTile,
+                   PlaneRef<const scalar_t>{x + n * xs.n + c * xs.c, xs.h, xs.w},
+                   LineRef<const scalar_t>{a_h + n * hs3.n + c * hs3.c, hs3.l},
+                   LineRef<const scalar_t>{a_w + n * ws3.n + c * ws3.c, ws3.l}, seg, nseg);
     }
     // Pixels np..kTile-1 of the buffers hold stale (finite) values from earlier tiles, or the
     // zeros they were created with; the GEMMs run on whole tiles and those lanes are never
     // stored.
     tile_gemm(Z.data(), w1.data(), b1.data(), T.data(), Ci, C);
-    for (int64_t k = 0; k < Ci * kTile; ++k) R[k] = relu(Z[k]);
+    relu_values(R.data(), Z.data(), Ci * kTile);
   }
 
   // Lmat[c][p] = b2[c] + W2[c]·relu(Z[:, p]): the local_att output of every channel.
@@ -200,7 +183,7 @@ struct TileBackward {
   void conv2(const TileForward<scalar_t, acc_t>& tile, const acc_t* D, const acc_t* w2t) {
     tile_outer_accumulate(w2_lanes.data(), D, tile.R.data(), C, Ci);
     tile_gemm(DZ.data(), w2t, nullptr, D, Ci, C);
-    for (int64_t k = 0; k < Ci * kTile; ++k) DZ[k] = tile.Z[k] > acc_t(0) ? DZ[k] : acc_t(0);
+    relu_mask(DZ.data(), tile.Z.data(), Ci * kTile);
   }
 
   // Adds the chunk's weight gradients: grad_w1 (Ci×C) and, after conv2 calls, grad_w2 (C×Ci).
@@ -210,40 +193,27 @@ struct TileBackward {
   }
 
   // conv1 (z = W1·t + b1) from DZ, then t = x·(1 + m): grad_b1 += ΣDZ, grad_w1 += DZ·Tᵀ,
-  // DT = W1ᵀ·DZ; grad_x = DX + DT·(1 + M) is stored for the tile's np pixels and
-  // DM + DT·X goes to grad_a_h (·a_w) and grad_a_w (·a_h). DX and DM (aff_fuse's direct
-  // terms) may be null.
+  // DT = W1ᵀ·DZ; grad_x = DX + DT·(1 + M) is stored for the tile's pixels and
+  // DM + DT·X goes to grad_a_h (·a_w) and grad_a_w (·a_h) (tile_loops.h). DX and DM
+  // (aff_fuse's direct terms) may be null.
   void conv1_and_input(const TileForward<scalar_t, acc_t>& tile, const acc_t* w1t,
                        acc_t* grad_b1, const acc_t* DX, const acc_t* DM,
-                       const InputGradTargets<scalar_t, acc_t>& out, int64_t n, int64_t np) {
-    for (int64_t j = 0; j < Ci; ++j) {
-      const acc_t* DZj = DZ.data() + j * kTile;
-      acc_t sum = 0;
-      for (int64_t p = 0; p < kTile; ++p) sum += DZj[p];
-      grad_b1[j] += sum;
-    }
+                       const InputGradTargets<scalar_t, acc_t>& out, int64_t n) {
+    row_sums(grad_b1, DZ.data(), Ci);
     tile_outer_accumulate(w1_lanes.data(), DZ.data(), tile.T.data(), Ci, C);
     tile_gemm(DT.data(), w1t, nullptr, DZ.data(), C, Ci);
-    const int64_t* hs = tile.hs;
-    const int64_t* ws = tile.ws;
+    const bool grad_x_plane_contiguous = out.gxs.w == 1 && out.gxs.h == out.W;
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t* DTc = DT.data() + c * kTile;
-      const acc_t* Xc = tile.X.data() + c * kTile;
-      const acc_t* Mc = tile.M.data() + c * kTile;
-      const acc_t* DXc = DX ? DX + c * kTile : nullptr;
-      const acc_t* DMc = DM ? DM + c * kTile : nullptr;
-      scalar_t* gxc = out.grad_x + n * out.gxs.n + c * out.gxs.c;
-      const scalar_t* ahc = out.a_h + n * out.hs3.n + c * out.hs3.c;
-      const scalar_t* awc = out.a_w + n * out.ws3.n + c * out.ws3.c;
-      acc_t* rah = out.red_a_h + (n * C + c) * out.H;
-      acc_t* raw = out.red_a_w + (n * C + c) * out.W;
-      for (int64_t p = 0; p < np; ++p) {
-        const acc_t dx = (DXc ? DXc[p] : acc_t(0)) + DTc[p] * (acc_t(1) + Mc[p]);
-        const acc_t dm = (DMc ? DMc[p] : acc_t(0)) + DTc[p] * Xc[p];
-        gxc[hs[p] * out.gxs.h + ws[p] * out.gxs.w] = static_cast<scalar_t>(dx);
-        rah[hs[p]] += dm * static_cast<acc_t>(awc[ws[p] * out.ws3.l]);
-        raw[ws[p]] += dm * static_cast<acc_t>(ahc[hs[p] * out.hs3.l]);
-      }
+      const int64_t k = c * kTile;
+      scalar_t* grad_x_plane = out.grad_x + n * out.gxs.n + c * out.gxs.c;
+      if (grad_x_plane_contiguous) prefetch_tile_ahead<1>(grad_x_plane + tile.seg[0].h * out.W + tile.seg[0].w0);
+      input_grads(PlaneRef<scalar_t>{grad_x_plane, out.gxs.h, out.gxs.w},
+                  out.red_a_h + (n * C + c) * out.H, out.red_a_w + (n * C + c) * out.W,
+                  DT.data() + k, tile.X.data() + k, tile.M.data() + k,
+                  DX ? DX + k : nullptr, DM ? DM + k : nullptr,
+                  LineRef<const scalar_t>{out.a_h + n * out.hs3.n + c * out.hs3.c, out.hs3.l},
+                  LineRef<const scalar_t>{out.a_w + n * out.ws3.n + c * out.ws3.c, out.ws3.l},
+                  tile.seg, tile.nseg);
     }
   }
 };
