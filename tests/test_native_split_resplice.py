@@ -32,7 +32,10 @@ def folded(module):
 
 
 SHAPES = [((1, 32, 17, 3), 8), ((2, 64, 3, 17), 8), ((1, 64, 1, 1), 8), ((1, 128, 6, 5), 8),
-          ((1, 256, 3, 3), 8), ((3, 12, 5, 7), 4), ((2, 6, 4, 4), 2), ((1, 24, 9, 1), 3)]
+          ((1, 256, 3, 3), 8), ((3, 12, 5, 7), 4), ((2, 6, 4, 4), 2), ((1, 24, 9, 1), 3),
+          # W = 53: the CPU kernel's row groups of 3 and 2 vector chunks with a partial last
+          # chunk (float: 4 chunks as 2 + 2; double: 7 as 3 + 3 + 1)
+          ((1, 64, 2, 53), 8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
