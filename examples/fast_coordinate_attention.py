@@ -1,6 +1,6 @@
 """Drop SAFFNet's fast blocks into your own model.
 
-A small CNN that uses the reference CoordAttention and SCAFF blocks is converted in place
+A small CNN that uses the reference CoordAttention, AFF and SCAFF blocks is converted in place
 with ``saffnet_fast.convert`` (same weights, same state_dict), checked against the original,
 then timed eagerly before and after; ``optimize_for_inference`` (BN folding, channels_last)
 is timed too. Runs on the CPU in seconds:
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import saffnet_fast
-from saffnet_fast.nn.reference import SCAFF, CoordAttention
+from saffnet_fast.nn.reference import AFF, SCAFF, CoordAttention
 
 
 class TinyNet(nn.Module):
@@ -30,11 +30,13 @@ class TinyNet(nn.Module):
             nn.Conv2d(3, channels, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
         self.attention = CoordAttention(channels)
+        self.merge = AFF(channels, r=4)  # the official AFF(x, residual)
         self.fuse = SCAFF(channels)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, classes))
 
     def forward(self, x):
-        return self.head(self.fuse(self.attention(self.stem(x))))
+        s = self.stem(x)
+        return self.head(self.fuse(self.merge(self.attention(s), s)))
 
 
 def best_times(fns, inputs, repeat: int):
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
     reference = copy.deepcopy(model)
 
     saffnet_fast.convert(model)  # in place; backend="auto"
-    print("converted:", type(model.attention).__name__, type(model.fuse).__name__,
+    print("converted:", type(model.attention).__name__, type(model.merge).__name__,
+          type(model.fuse).__name__,
           "| backends available on", device.type, ":",
           saffnet_fast.available_backends(device))
     with torch.no_grad():

@@ -283,7 +283,7 @@ def raise_compile_limits() -> None:
 # Fused ops at SAFFNet's shapes
 # --------------------------------------------------------------------------------------
 
-OPS = ("split_resplice", "scaff", "sawf")
+OPS = ("split_resplice", "scaff", "sawf", "aff")
 OP_MODES = ("forward", "backward", "forward_backward")
 OP_PROVIDERS = ("reference", "compile", "native", "triton")
 # In training mode BatchNorm on AFF's globally pooled N×C×1×1 map needs N ≥ 2.
@@ -314,13 +314,16 @@ OP_CASES: tuple[OpCase, ...] = (
     OpCase("sawf", 32, 64, 48, "SAFuse 1/4"),
     OpCase("sawf", 64, 32, 24, "SAFuse 1/8"),
     OpCase("sawf", 128, 16, 12, "SAFuse 1/16"),
+    OpCase("aff", 64, 64, 48, "drop-in AFF(x, residual), any model"),
 )
 
 # Names of the fast implementations, looked up at run time (they land independently).
 _FUNCTION_MODULES = {"native": ("saffnet_fast.ops.native",),
                      "triton": ("saffnet_fast.ops.triton",)}
 _FAST_MODULE_CLASSES = {"split_resplice": "FastSplitResplice", "scaff": "FastSCAFF",
-                        "sawf": "FastSAWF"}
+                        "sawf": "FastSAWF", "aff": "FastAFF"}
+# Further full-size inputs of an op besides x (AFF's residual).
+_EXTRA_INPUTS = {"aff": 1}
 
 
 class ProviderUnavailable(RuntimeError):
@@ -339,7 +342,7 @@ def make_reference_op(op: str, channels: int, seed: int = 0) -> nn.Module:
         raise ValueError(f"op: expected one of {OPS}, got {op!r}")
     gen = torch.Generator().manual_seed(seed)
     module = {"split_resplice": ref.SplitResplice, "scaff": ref.SCAFF,
-              "sawf": ref.SAWF}[op](channels)
+              "sawf": ref.SAWF, "aff": ref.AFF}[op](channels)
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -385,7 +388,8 @@ def _fast_module(provider: str, op: str, module: nn.Module) -> nn.Module | None:
 
 def op_function(provider: str, op: str, module: nn.Module,
                 device: torch.device | str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A callable ``f(x)`` computing ``op`` with ``module``'s weights through ``provider``.
+    """A callable ``f(x, *extra)`` computing ``op`` with ``module``'s weights through
+    ``provider`` (``extra``: AFF's residual).
 
     Raises :class:`ProviderUnavailable` (with the reason) when the provider cannot run here.
     """
@@ -425,20 +429,22 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def op_min_bytes(activation_bytes: int, param_bytes: int, mode: str) -> int:
+def op_min_bytes(activation_bytes: int, param_bytes: int, mode: str, inputs: int = 1) -> int:
     """Minimum memory traffic of one call: each input read once, each output written once.
 
-    All three ops map N×C×H×W to N×C×H×W (``activation_bytes`` each).
-      * forward: read x and the weights, write y;
-      * backward: read x (saved) and dy and the weights, write dx and the weight gradients;
+    Every op maps ``inputs`` N×C×H×W tensors (1; AFF: x and residual) to one N×C×H×W output
+    (``activation_bytes`` each).
+      * forward: read the inputs and the weights, write y;
+      * backward: read the inputs (saved), dy and the weights, write the input and weight
+        gradients;
       * forward_backward: both of the above.
     """
     if mode == "forward":
-        return 2 * activation_bytes + param_bytes
+        return (inputs + 1) * activation_bytes + param_bytes
     if mode == "backward":
-        return 3 * activation_bytes + 2 * param_bytes
+        return (2 * inputs + 1) * activation_bytes + 2 * param_bytes
     if mode == "forward_backward":
-        return 5 * activation_bytes + 3 * param_bytes
+        return (3 * inputs + 2) * activation_bytes + 3 * param_bytes
     raise ValueError(f"mode: expected one of {OP_MODES}, got {mode!r}")
 
 
@@ -497,6 +503,7 @@ def make_op_workload(case: OpCase, provider: str, mode: str, batch: int,
     module.train(mode != "forward")
     fn = op_function(provider, case.op, module, dev)
     x = torch.randn(batch, case.channels, case.height, case.width, device=dev, dtype=dtype)
+    extra = [torch.randn_like(x) for _ in range(_EXTRA_INPUTS.get(case.op, 0))]
     if provider in ("native", "triton"):
         # Checked once here, not inside the timed call.
         _, unsupported_reason = _find_op_function(provider, case.op)
@@ -505,7 +512,7 @@ def make_op_workload(case: OpCase, provider: str, mode: str, batch: int,
             raise ProviderUnavailable(f"{provider}: {reason}")
     params = [p for p in module.parameters() if p.requires_grad]
     activation_bytes = x.numel() * x.element_size()
-    min_bytes = op_min_bytes(activation_bytes, _param_bytes(module), mode)
+    min_bytes = op_min_bytes(activation_bytes, _param_bytes(module), mode, 1 + len(extra))
 
     def guarded(call: Callable[[], object]) -> None:
         try:
@@ -523,17 +530,18 @@ def make_op_workload(case: OpCase, provider: str, mode: str, batch: int,
     if mode == "forward":
         def step():
             with torch.no_grad():
-                y = fn(x)
+                y = fn(x, *extra)
             synchronize(dev)
             return y
         guarded(step)
     else:
-        x.requires_grad_(True)
-        inputs = [x, *params]
+        for t in (x, *extra):
+            t.requires_grad_(True)
+        inputs = [x, *extra, *params]
         grad_out = torch.randn_like(x)
         if mode == "forward_backward":
             def step():
-                y = fn(x)
+                y = fn(x, *extra)
                 grads = torch.autograd.grad(y, inputs, grad_out)
                 synchronize(dev)
                 return grads
@@ -542,7 +550,7 @@ def make_op_workload(case: OpCase, provider: str, mode: str, batch: int,
             graph: dict = {}
 
             def record():
-                graph["y"] = fn(x)
+                graph["y"] = fn(x, *extra)
             guarded(record)
 
             def step():

@@ -2,7 +2,7 @@
 model for inference.
 
 * :func:`convert` changes, in place, the class of every *exact* reference block
-  (CoordAttention, SCAFF, SAWF, SplitResplice) to its ``Fast*`` subclass. Nothing else
+  (AFF, CoordAttention, SCAFF, SAWF, SplitResplice) to its ``Fast*`` subclass. Nothing else
   changes: the same parameter and buffer objects (so an optimizer built before still holds
   them), hooks, ``requires_grad`` flags and train/eval state. ``backend="reference"`` swaps
   them back.
@@ -54,7 +54,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     ``SAFFNET_BACKEND`` / auto at each call; ``"native"`` or ``"triton"`` pins it (an error is
     raised at the forward call when it cannot serve the input); ``"reference"`` swaps every
     fast block back to its reference class. Blocks nested inside a converted block (the
-    CoordAttention inside a SCAFF) stay reference: the fused op covers the whole block.
+    CoordAttention and AFF inside a SCAFF) stay reference: the fused op covers the whole
+    block.
     """
     _check_module(model)
     backend = _validate_backend(backend)

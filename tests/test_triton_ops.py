@@ -35,6 +35,7 @@ try:
         KERNELS_USABLE = isinstance(triton.language.standard.sum, InterpretedFunction)
     if KERNELS_USABLE:
         from saffnet_fast.ops.triton import _common, aff_fuse, coord_pool, coordinate_attention
+        from saffnet_fast.ops.triton import aff as triton_aff_module
         from saffnet_fast.ops.triton import scaff as triton_scaff_module  # noqa: F401
         from saffnet_fast.ops.triton import split_resplice as triton_sr_module  # noqa: F401
         KERNELS_USABLE = ON_GPU or _common.INTERPRET
@@ -644,3 +645,93 @@ def test_gradcheck_float64_aff_fuse():
               torch.randn(c, ci, **d) * 0.3, torch.randn(c, **d)]
     inputs = tuple(t.requires_grad_(True) for t in inputs)
     assert torch.autograd.gradcheck(aff_fuse.aff_fuse, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+# ------------------------------------------------------------- FastAFF: AFF(x, residual)
+
+
+class _AFFOfOneInput(nn.Module):
+    """AFF(x, tanh(flip(x)) + 0.25) as a one-input module, for _check_parity: both inputs'
+    gradients reach x along different paths."""
+
+    def __init__(self, aff):
+        super().__init__()
+        self.aff = aff
+
+    def forward(self, x):
+        return self.aff(x, torch.tanh(x.flip(-1)) + 0.25)
+
+
+def _aff_pair(channels, mode, dtype, r=4):
+    triton_block = _randomize(fast.FastAFF(channels, r, backend="triton"))
+    reference = ref.AFF(channels, r)
+    reference.load_state_dict(triton_block.state_dict())
+    blocks = [_AFFOfOneInput(m).to(device=DEVICE, dtype=dtype).train(mode == "train")
+              for m in (triton_block, reference)]
+    return blocks[0], blocks[1]
+
+
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+@pytest.mark.parametrize("mode,shape", [("eval", (2, 32, 5, 3)), ("eval", (1, 64, 1, 17)),
+                                        ("train", (2, 32, 17, 1)), ("train", (3, 16, 3, 5))])
+def test_aff_parity_with_reference(mode, shape, dtype, tol):
+    triton_block, reference = _aff_pair(shape[1], mode, dtype)
+    _check_parity(triton_block, reference, torch.randn(shape, device=DEVICE, dtype=dtype), tol)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_aff_parity_float64(mode):
+    triton_block, reference = _aff_pair(32, mode, torch.float64)
+    x = torch.randn(2, 32, 3, 2, device=DEVICE, dtype=torch.float64)
+    _check_parity(triton_block, reference, x, 1e-10)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced", "mixed"])
+def test_aff_layouts_and_poisoned_outputs(layout, nan_filled_allocations):
+    """x and residual in different layouts; every allocation NaN-filled (a missed output or
+    gradient element stays NaN)."""
+    torch.manual_seed(4)
+    block = _randomize(fast.FastAFF(32, 4, backend="triton")).to(DEVICE).eval()
+    reference = ref.AFF(32, 4).to(DEVICE).eval()
+    reference.load_state_dict(block.state_dict())
+    x = torch.randn(2, 32, 5, 6, device=DEVICE)
+    residual = torch.randn(2, 32, 5, 6, device=DEVICE)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = torch.cat([x, x], dim=3)[..., ::2]
+        residual = torch.cat([residual, residual], dim=1)[:, ::2]
+    else:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    inputs = [x.requires_grad_(), residual.requires_grad_()]
+    out = block(*inputs)
+    want = reference(*inputs)
+    assert _rel(out, want) < 1e-5
+    grad = torch.randn_like(want)
+    got = torch.autograd.grad(out, inputs, grad)
+    expected = torch.autograd.grad(want, inputs, grad)
+    for g, e in zip(got, expected):
+        assert torch.isfinite(g).all() and _rel(g, e) < 1e-5
+
+
+def test_aff_pair_gradcheck_and_opcheck():
+    torch.manual_seed(5)
+    n, c, ci, h, w = 2, 6, 2, 3, 4
+    args = [torch.randn(n, c, h, w), torch.randn(n, c, h, w), torch.randn(n, c),
+            torch.randn(ci, c) * 0.4, torch.randn(ci), torch.randn(c, ci) * 0.7, torch.randn(c)]
+    args = [a.to(DEVICE, torch.float64).requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(triton_aff_module.aff_pair, tuple(args))
+    # test_aot_dispatch_dynamic compiles through inductor, which needs a real GPU
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.saffnet_triton.aff_pair, tuple(args), test_utils=tests)
+    plain = [a.detach() for a in args]
+    torch.library.opcheck(torch.ops.saffnet_triton.aff_pair_backward,
+                          (torch.randn_like(plain[0]), *plain), test_utils=tests)
+
+
+def test_aff_refuses_mismatched_residual():
+    block = fast.FastAFF(16, 4, backend="triton").to(DEVICE)
+    x = torch.randn(2, 16, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="residual: expected the shape of x"):
+        block(x, torch.randn(2, 16, 3, 4, device=DEVICE))

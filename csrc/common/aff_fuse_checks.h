@@ -40,6 +40,20 @@ inline void check_aff_args(const at::Tensor& x, const at::Tensor& a_h, const at:
   check_like(b2, {C}, x, op, "b2");
 }
 
+// aff_pair: x and residual N×C×H×W of one shape, dtype and device; the rest as aff_fuse.
+inline void check_aff_pair_args(const at::Tensor& x, const at::Tensor& residual,
+                                const at::Tensor& global_logit, const at::Tensor& w1,
+                                const at::Tensor& b1, const at::Tensor& w2, const at::Tensor& b2,
+                                const char* op) {
+  check_nchw(x, op, "x");
+  check_like(residual, x.sizes(), x, op, "residual");
+  const int64_t N = x.size(0), C = x.size(1);
+  check_like(global_logit, {N, C}, x, op, "global_logit");
+  const int64_t Ci = check_local_att_conv1(x, w1, b1, op);
+  check_like(w2, {C, Ci}, x, op, "w2");
+  check_like(b2, {C}, x, op, "b2");
+}
+
 // aff_moments: w1 Ci×C, b1 Ci; stage 2 also w2 C×Ci and b2 C (both or neither).
 inline void check_aff_moments_args(const at::Tensor& x, const at::Tensor& a_h,
                                    const at::Tensor& a_w, const at::Tensor& w1,

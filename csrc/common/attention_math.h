@@ -52,4 +52,31 @@ SAFFNET_HOST_DEVICE_INLINE AffCombineGrad<acc_t> aff_combine_grad(acc_t g, acc_t
   return r;
 }
 
+// aff_pair: the official AFF(x, residual) on two tensors (the drop-in FastAFF):
+//   t   = x + residual                       (AFF's xa)
+//   z, r, l, wei as above
+//   out = 2·x·wei + 2·residual·(1 − wei) = 2·residual + 2·(x − residual)·wei
+template <typename acc_t>
+SAFFNET_HOST_DEVICE_INLINE acc_t aff_pair_combine(acc_t x, acc_t residual, acc_t wei) {
+  return acc_t(2) * residual + acc_t(2) * (x - residual) * wei;
+}
+
+// Gradients of aff_pair_combine for the incoming gradient g at one element:
+//   d_x (direct) = 2·g·wei,  d_r (direct) = 2·g·(1 − wei),
+//   d_s (through wei = σ(s)) = 2·g·(x − residual)·wei·(1 − wei)
+template <typename acc_t>
+struct AffPairGrad {
+  acc_t d_x, d_r, d_s;
+};
+
+template <typename acc_t>
+SAFFNET_HOST_DEVICE_INLINE AffPairGrad<acc_t> aff_pair_grad(acc_t g, acc_t x, acc_t residual,
+                                                           acc_t wei) {
+  AffPairGrad<acc_t> d;
+  d.d_x = acc_t(2) * g * wei;
+  d.d_r = acc_t(2) * g * (acc_t(1) - wei);
+  d.d_s = acc_t(2) * g * (x - residual) * wei * (acc_t(1) - wei);
+  return d;
+}
+
 }  // namespace saffnet_fast

@@ -123,9 +123,33 @@ struct TileForward {
                    LineRef<const scalar_t>{a_h + n * hs3.n + c * hs3.c, hs3.l},
                    LineRef<const scalar_t>{a_w + n * ws3.n + c * ws3.c, ws3.l}, seg, nseg);
     }
-    // Pixels np..kTile-1 of the buffers hold stale (finite) values from earlier tiles, or the
-    // zeros they were created with; the GEMMs run on whole tiles and those lanes are never
-    // stored.
+    conv1(w1, b1);
+  }
+
+  // aff_pair's tile: X = residual, M = x, T = residual + x (so that Lmat, Z, R mean the same).
+  void load_pair(const scalar_t* x, const Strides4& xs, const scalar_t* residual,
+                 const Strides4& rs, const std::vector<acc_t>& w1, const std::vector<acc_t>& b1,
+                 int64_t n, int64_t p0, int64_t np) {
+    nseg = row_segments(seg, p0, np, W);
+    const bool planes_contiguous = xs.w == 1 && xs.h == W && rs.w == 1 && rs.h == W;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* x_plane = x + n * xs.n + c * xs.c;
+      const scalar_t* r_plane = residual + n * rs.n + c * rs.c;
+      if (planes_contiguous) {
+        prefetch_tile_ahead(x_plane + p0);
+        prefetch_tile_ahead(r_plane + p0);
+      }
+      load_pair_channel(X.data() + c * kTile, M.data() + c * kTile, T.data() + c * kTile,
+                        PlaneRef<const scalar_t>{r_plane, rs.h, rs.w},
+                        PlaneRef<const scalar_t>{x_plane, xs.h, xs.w}, seg, nseg);
+    }
+    conv1(w1, b1);
+  }
+
+  // Z = W1·T + b1, R = relu(Z). Pixels np..kTile-1 of the buffers hold stale (finite) values
+  // from earlier tiles, or the zeros they were created with; the GEMMs run on whole tiles and
+  // those lanes are never stored.
+  void conv1(const std::vector<acc_t>& w1, const std::vector<acc_t>& b1) {
     tile_gemm(Z.data(), w1.data(), b1.data(), T.data(), Ci, C);
     relu_values(R.data(), Z.data(), Ci * kTile);
   }
@@ -192,6 +216,13 @@ struct TileBackward {
     if (grad_w2 != nullptr) lane_sums(w2_lanes.data(), C * Ci, grad_w2);
   }
 
+  // conv1 (z = W1·t + b1) from DZ: grad_b1 += ΣDZ, grad_w1 += DZ·Tᵀ, DT = W1ᵀ·DZ.
+  void conv1(const TileForward<scalar_t, acc_t>& tile, const acc_t* w1t, acc_t* grad_b1) {
+    row_sums(grad_b1, DZ.data(), Ci);
+    tile_outer_accumulate(w1_lanes.data(), DZ.data(), tile.T.data(), Ci, C);
+    tile_gemm(DT.data(), w1t, nullptr, DZ.data(), C, Ci);
+  }
+
   // conv1 (z = W1·t + b1) from DZ, then t = x·(1 + m): grad_b1 += ΣDZ, grad_w1 += DZ·Tᵀ,
   // DT = W1ᵀ·DZ; grad_x = DX + DT·(1 + M) is stored for the tile's pixels and
   // DM + DT·X goes to grad_a_h (·a_w) and grad_a_w (·a_h) (tile_loops.h). DX and DM
@@ -199,9 +230,7 @@ struct TileBackward {
   void conv1_and_input(const TileForward<scalar_t, acc_t>& tile, const acc_t* w1t,
                        acc_t* grad_b1, const acc_t* DX, const acc_t* DM,
                        const InputGradTargets<scalar_t, acc_t>& out, int64_t n) {
-    row_sums(grad_b1, DZ.data(), Ci);
-    tile_outer_accumulate(w1_lanes.data(), DZ.data(), tile.T.data(), Ci, C);
-    tile_gemm(DT.data(), w1t, nullptr, DZ.data(), C, Ci);
+    conv1(tile, w1t, grad_b1);
     const bool grad_x_plane_contiguous = out.gxs.w == 1 && out.gxs.h == out.W;
     for (int64_t c = 0; c < C; ++c) {
       const int64_t k = c * kTile;

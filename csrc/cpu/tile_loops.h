@@ -125,6 +125,49 @@ SAFFNET_CPU_CLONES inline void load_channel(double* X, double* M, double* Tt,
   load_channel_body(X, M, Tt, x, a_h, a_w, seg, nseg);
 }
 
+// aff_pair's load: X = residual, M = x, T = residual + x (AFF's xa) for one channel.
+template <typename T>
+SAFFNET_ALWAYS_INLINE void load_pair_channel_body(T* __restrict__ X, T* __restrict__ M,
+                                                  T* __restrict__ Tt, PlaneRef<const T> residual,
+                                                  PlaneRef<const T> x, const RowSegment* seg,
+                                                  int64_t nseg) {
+  for (int64_t s = 0; s < nseg; ++s) {
+    const RowSegment g = seg[s];
+    const T* __restrict__ rr = residual.base + g.h * residual.sh + g.w0 * residual.sw;
+    const T* __restrict__ xr = x.base + g.h * x.sh + g.w0 * x.sw;
+    T* __restrict__ Xs = X + g.p;
+    T* __restrict__ Ms = M + g.p;
+    T* __restrict__ Ts = Tt + g.p;
+    if (residual.sw == 1 && x.sw == 1) {
+#pragma omp simd
+      for (int64_t q = 0; q < g.len; ++q) {
+        Xs[q] = rr[q];
+        Ms[q] = xr[q];
+        Ts[q] = rr[q] + xr[q];
+      }
+    } else {
+      for (int64_t q = 0; q < g.len; ++q) {
+        const T rv = rr[q * residual.sw], xv = xr[q * x.sw];
+        Xs[q] = rv;
+        Ms[q] = xv;
+        Ts[q] = rv + xv;
+      }
+    }
+  }
+}
+SAFFNET_CPU_CLONES inline void load_pair_channel(float* X, float* M, float* Tt,
+                                                 PlaneRef<const float> residual,
+                                                 PlaneRef<const float> x, const RowSegment* seg,
+                                                 int64_t nseg) {
+  load_pair_channel_body(X, M, Tt, residual, x, seg, nseg);
+}
+SAFFNET_CPU_CLONES inline void load_pair_channel(double* X, double* M, double* Tt,
+                                                 PlaneRef<const double> residual,
+                                                 PlaneRef<const double> x, const RowSegment* seg,
+                                                 int64_t nseg) {
+  load_pair_channel_body(X, M, Tt, residual, x, seg, nseg);
+}
+
 // ----------------------------------------------------------------------------------------
 // R = relu(Z), and DZ ← DZ·[Z > 0], over count values.
 // ----------------------------------------------------------------------------------------
@@ -309,6 +352,38 @@ inline void store_tile(PlaneRef<T> plane, const T* __restrict__ values, const Ro
       for (int64_t q = 0; q < g.len; ++q) dst[q * plane.sw] = src[q];
     }
   }
+}
+
+// aff_pair's input gradients of one channel of a tile: grad_x = DX + DT and
+// grad_residual = DR + DT (t = x + residual), stored for the tile's pixels.
+template <typename T>
+SAFFNET_ALWAYS_INLINE void pair_input_grads_body(PlaneRef<T> grad_x, PlaneRef<T> grad_residual,
+                                                 const T* __restrict__ DT,
+                                                 const T* __restrict__ DX,
+                                                 const T* __restrict__ DR, const RowSegment* seg,
+                                                 int64_t nseg) {
+  alignas(64) T gx[kTile];
+  alignas(64) T gr[kTile];
+#pragma omp simd
+  for (int64_t p = 0; p < kTile; ++p) {
+    gx[p] = DX[p] + DT[p];
+    gr[p] = DR[p] + DT[p];
+  }
+  store_tile(grad_x, gx, seg, nseg);
+  store_tile(grad_residual, gr, seg, nseg);
+}
+
+SAFFNET_CPU_CLONES inline void pair_input_grads(PlaneRef<float> grad_x,
+                                                PlaneRef<float> grad_residual, const float* DT,
+                                                const float* DX, const float* DR,
+                                                const RowSegment* seg, int64_t nseg) {
+  pair_input_grads_body(grad_x, grad_residual, DT, DX, DR, seg, nseg);
+}
+SAFFNET_CPU_CLONES inline void pair_input_grads(PlaneRef<double> grad_x,
+                                                PlaneRef<double> grad_residual, const double* DT,
+                                                const double* DX, const double* DR,
+                                                const RowSegment* seg, int64_t nseg) {
+  pair_input_grads_body(grad_x, grad_residual, DT, DX, DR, seg, nseg);
 }
 
 }  // namespace saffnet_fast

@@ -46,6 +46,26 @@ __device__ __forceinline__ void hidden_vector(const scalar_t* __restrict__ x,
   }
 }
 
+// aff_pair's hidden vector: z[j] = b1[j] + Σ_c w1[j,c]·(x + residual) at one pixel.
+// Strides: any struct with the x strides (xn, xc, xh, xw) and the residual's (rn, rc, rh, rw).
+template <typename scalar_t, typename acc_t, int kMaxCi, typename Strides>
+__device__ __forceinline__ void hidden_vector_pair(const scalar_t* __restrict__ x,
+                                                   const scalar_t* __restrict__ residual,
+                                                   const AffWeights<acc_t>& wt,
+                                                   const Strides& s, int64_t n, int64_t h,
+                                                   int64_t w, int64_t C, int Ci,
+                                                   acc_t (&z)[kMaxCi]) {
+#pragma unroll
+  for (int j = 0; j < kMaxCi; ++j) z[j] = j < Ci ? wt.b1[j] : acc_t(0);
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t t = static_cast<acc_t>(x[n * s.xn + c * s.xc + h * s.xh + w * s.xw]) +
+                    static_cast<acc_t>(residual[n * s.rn + c * s.rc + h * s.rh + w * s.rw]);
+#pragma unroll
+    for (int j = 0; j < kMaxCi; ++j)
+      if (j < Ci) z[j] += wt.w1[j * C + c] * t;
+  }
+}
+
 // l[c] = b2[c] + Σ_j w2[c,j]·relu(z[j]): local_att's conv2 output of channel c (pre-BN).
 template <typename acc_t, int kMaxCi>
 __device__ __forceinline__ acc_t local_logit(const AffWeights<acc_t>& wt, int64_t c, int Ci,

@@ -6,7 +6,7 @@ which dispatch to the native extension or Triton kernels when available.
 """
 from .reference import (AFF, FC, SAWF, SCAFF, CoordAttention, HSwish, SEPlus,  # noqa: F401
                         SplitResplice, split_resplice_widths)
-from .fast import (FastCoordAttention, FastSAWF, FastSCAFF,  # noqa: F401
+from .fast import (FastAFF, FastCoordAttention, FastSAWF, FastSCAFF,  # noqa: F401
                    FastSplitResplice)
 from .sa_blocks import (SADownSample, SAFuseBlock, SAStem, SATransitionBlock,  # noqa: F401
                         SAUpSample, SCBottle)

@@ -32,10 +32,11 @@ from torch import nn
 
 from .. import backend as _backend
 from ..backend import BackendUnavailableError
-from .reference import (DEFAULT_DROPOUT, DEFAULT_NEGATIVE_SLOPE, SAWF, SCAFF, CoordAttention,
-                        SplitResplice, _check_input)
+from .reference import (AFF, DEFAULT_DROPOUT, DEFAULT_NEGATIVE_SLOPE, SAWF, SCAFF,
+                        CoordAttention, SplitResplice, _check_input)
 
 __all__ = [
+    "FastAFF",
     "FastCoordAttention",
     "FastSCAFF",
     "FastSAWF",
@@ -155,8 +156,10 @@ def select_implementation(op: str, backend: Optional[str], module: nn.Module,
     return "reference", None
 
 
-def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor):
+def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor, *inputs):
     """Run ``op`` with the selected implementation; None means "run the reference forward".
+    ``x`` decides the device and dtype; ``inputs`` are the op's further tensors (AFF's
+    residual).
 
     An implementation that raises NotImplementedError (a kernel not written yet for this
     case) counts as unavailable: auto moves on to the next one, an explicit request raises
@@ -164,7 +167,7 @@ def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor):
     explicit, found, reasons = _candidates(op, backend, module, x)
     for name, fn in found:
         try:
-            return fn(module, x)
+            return fn(module, x, *inputs)
         except NotImplementedError as exc:
             if explicit:
                 raise BackendUnavailableError(
@@ -212,13 +215,14 @@ def _compile_time_choice(op: str, backend: Optional[str], module_key: int, devic
 _compile_time_choice._dynamo_marked_constant = True
 
 
-def _run_traced(name: str, op: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _run_traced(name: str, op: str, module: nn.Module, x: torch.Tensor,
+                *inputs) -> torch.Tensor:
     # import statements of already-loaded modules, which torch.compile can trace
     if name == "native":
         from ..ops import native as native_ops
-        return getattr(native_ops, f"native_{op}")(module, x)
+        return getattr(native_ops, f"native_{op}")(module, x, *inputs)
     from ..ops import triton as triton_ops
-    return getattr(getattr(triton_ops, op), f"triton_{op}")(module, x)
+    return getattr(getattr(triton_ops, op), f"triton_{op}")(module, x, *inputs)
 
 
 def _validate_backend(backend: Optional[str]) -> Optional[str]:
@@ -243,7 +247,7 @@ class _FastMixin:
         super().__setstate__(state)
         register_fast_module(self)
 
-    def _dispatch(self, x: torch.Tensor):
+    def _dispatch(self, x: torch.Tensor, *inputs):
         _check_input(x, self.channels)
         if torch.compiler.is_compiling():
             # The selection itself (imports, warnings, context variables) is not traceable:
@@ -255,10 +259,10 @@ class _FastMixin:
             if name == "reference":
                 return None
             try:
-                return _run_traced(name, self._op, self, x)
+                return _run_traced(name, self._op, self, x, *inputs)
             except NotImplementedError:  # a kernel not written for this case: reference
                 return None
-        return run_op(self._op, self.backend, self, x)
+        return run_op(self._op, self.backend, self, x, *inputs)
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -311,6 +315,22 @@ class FastSAWF(_FastMixin, SAWF):
         return SAWF.forward(self, x) if out is None else out
 
 
+class FastAFF(_FastMixin, AFF):
+    """:class:`AFF`, the official ``AFF(channels=64, r=4)`` fusing ``x`` and ``residual``,
+    with native/Triton backends (op ``aff``): one fused pass over both tensors instead of
+    eager AFF's dozen full-size intermediates. ``forward(x, residual)`` as the official AFF."""
+
+    _op = "aff"
+
+    def __init__(self, channels: int = 64, r: int = 4, *, backend: Optional[str] = None):
+        super().__init__(channels, r)
+        self.backend = _validate_backend(backend)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        out = self._dispatch(x, residual)
+        return AFF.forward(self, x, residual) if out is None else out
+
+
 class FastSplitResplice(_FastMixin, SplitResplice):
     """:class:`SplitResplice` with native/Triton backends (op ``split_resplice``)."""
 
@@ -329,6 +349,7 @@ class FastSplitResplice(_FastMixin, SplitResplice):
 
 # Exact reference class -> fast class; convert() swaps only these exact classes.
 FAST_FROM_REFERENCE = {
+    AFF: FastAFF,
     CoordAttention: FastCoordAttention,
     SCAFF: FastSCAFF,
     SAWF: FastSAWF,

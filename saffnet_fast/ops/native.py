@@ -37,6 +37,7 @@ from ..nn.reference import _check_input
 
 __all__ = [
     "NATIVE_OPS",
+    "native_aff",
     "native_coord_pool",
     "native_coordinate_attention",
     "native_scaff",
@@ -62,6 +63,8 @@ NATIVE_OPS = (
     "saffnet_fast::aff_moments_backward",
     "saffnet_fast::split_resplice_train",
     "saffnet_fast::split_resplice_train_backward",
+    "saffnet_fast::aff_pair",
+    "saffnet_fast::aff_pair_backward",
 )
 
 
@@ -158,6 +161,28 @@ def _register_aff_fuse() -> None:
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
 
     torch.library.register_autograd("saffnet_fast::aff_fuse", _backward, setup_context=_setup)
+
+
+def _register_aff_pair() -> None:
+    @torch.library.register_fake("saffnet_fast::aff_pair")
+    def _aff_pair_fake(x, residual, global_logit, w1, b1, w2, b2):
+        _check_nchw(x, "aff_pair")
+        return _aff_out_like(x)
+
+    @torch.library.register_fake("saffnet_fast::aff_pair_backward")
+    def _aff_pair_backward_fake(grad_out, x, residual, global_logit, w1, b1, w2, b2):
+        return (_aff_out_like(x), _aff_out_like(residual), global_logit.new_empty(
+            global_logit.shape), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape), b2.new_empty(b2.shape))
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_out):
+        grads = torch.ops.saffnet_fast.aff_pair_backward(grad_out, *ctx.saved_tensors)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+    torch.library.register_autograd("saffnet_fast::aff_pair", _backward, setup_context=_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -648,6 +673,49 @@ def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *folded_aff[:4])
 
 
+def _check_pair(module, x: torch.Tensor, residual: torch.Tensor) -> None:
+    """AFF.forward's own checks (the same messages)."""
+    _check_input(x, module.channels, "x")
+    _check_input(residual, module.channels, "residual")
+    if x.shape != residual.shape:
+        raise ValueError(
+            f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if residual.dtype != x.dtype or residual.device != x.device:
+        raise ValueError(f"residual: expected x's dtype and device ({x.dtype}, {x.device}), "
+                         f"got {residual.dtype}, {residual.device}")
+
+
+def _aff_folded(module) -> tuple:
+    return _folded_params(module, lambda: _fold_aff(module))
+
+
+def native_aff(module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """The official AFF(x, residual) of any model (``saffnet_fast.nn.AFF``), either mode.
+
+    Inference: the global branch's input mean_hw(x + residual) = mean_hw(x) + mean_hw(residual)
+    (one read of each), then aff_pair (read both, write out): every BN folded (cached per
+    module when no gradient reaches the parameters), no full-size intermediate.
+
+    Training: local_att's two BNs take their batch statistics with aff_moments on
+    xa = x + residual with zero factors (t = xa; one write and two reads of xa, the only
+    full-size intermediate), and aff_pair applies them; the global branch's BNs act on pooled
+    vectors and run through the module's layers.
+    """
+    require_native(x.device if isinstance(x, torch.Tensor) else None)
+    _check_pair(module, x, residual)
+    pooled = x.mean(dim=(2, 3)) + residual.mean(dim=(2, 3))
+    if module.training:
+        n, c, h, w = x.shape
+        global_logit = _global_logit_modules(module, pooled)
+        xa = x + residual
+        zero = xa.new_zeros(())
+        local = _local_att_train(module, xa, zero.expand(n, c, h), zero.expand(n, c, w))
+        return torch.ops.saffnet_fast.aff_pair(x, residual, global_logit, *local)
+    folded = _aff_folded(module)
+    global_logit = _global_logit(folded, pooled)
+    return torch.ops.saffnet_fast.aff_pair(x, residual, global_logit, *folded[:4])
+
+
 def _fold_se_plus(se) -> tuple:
     """(fc1ᵀ, b1, fc2ᵀ, fc_avgᵀ, b2 + b_avg) for addmm on pooled N×C rows."""
     w1, b1 = _linear(se.fc1)
@@ -771,3 +839,4 @@ if has_native():
     _register_split_resplice()
     _register_aff_moments()
     _register_split_resplice_train()
+    _register_aff_pair()

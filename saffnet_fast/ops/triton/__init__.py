@@ -1,7 +1,8 @@
 """Triton kernels of SAFFNet's fused ops (CUDA tensors, or any tensor under
 ``TRITON_INTERPRET=1``).
 
-One module per op: ``coordinate_attention``, ``scaff``, ``sawf``, ``split_resplice`` (+
+One module per op: ``coordinate_attention``, ``aff`` (the official AFF(x, residual)),
+``scaff``, ``sawf``, ``split_resplice`` (+
 ``split_resplice_train`` for its autograd path); the passes they share live in
 ``coord_pool`` (per-plane reductions) and ``aff_fuse`` (the per-pixel AFF bottleneck and
 weighting, and the batch statistics of its BNs in training).
@@ -10,6 +11,7 @@ weighting, and the batch statistics of its BNs in training).
 |---|---|---|---|
 | coordinate_attention | yes | yes | fused (coord_apply_backward) + pooling broadcast (see coord_pool) |
 | scaff, sawf | yes (BN batch stats, running stats) | yes | fused (aff_fuse_backward, local_stats_backward, weighted_mean_backward) |
+| aff | yes (local_stats on x + residual) | yes | fused (aff_pair_backward, local_stats_backward) |
 | split_resplice | yes (batch stats, counter-RNG dropout) | yes (1 launch/step) | fused kernels per step (split_resplice_train_backward op), also for BN-folded blocks |
 
 Dtypes: float32, float16, bfloat16 (float32 arithmetic), float64. Each op module defines ``triton_<op>(module, x)``
