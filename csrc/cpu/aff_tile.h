@@ -196,30 +196,33 @@ template <typename scalar_t, typename acc_t>
 struct TileBackward {
   static constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
   int64_t C, Ci;
-  std::vector<acc_t> DZ, DT;            // [Ci][kTile], [C][kTile]
-  std::vector<acc_t> w1_lanes, w2_lanes;  // [Ci][C][kLanes], [C][Ci][kLanes]
+  std::vector<acc_t> DZ, DT;          // [Ci][kTile], [C][kTile]
+  std::vector<acc_t> w1_acc, w2_acc;  // [Ci][C padded], [C][Ci padded] (tile_gemm.h)
+  std::vector<acc_t> scratch;         // tile_outer_accumulate's transposed operand
   TileBackward(int64_t C_, int64_t Ci_, bool stage2)
-      : C(C_), Ci(Ci_), DZ(Ci_ * kTile), DT(C_ * kTile), w1_lanes(Ci_ * C_ * kLanes),
-        w2_lanes(stage2 ? C_ * Ci_ * kLanes : 0) {}
+      : C(C_), Ci(Ci_), DZ(Ci_ * kTile), DT(C_ * kTile),
+        w1_acc(Ci_ * padded_cols(C_, kLanes), acc_t(0)),
+        w2_acc(stage2 ? C_ * padded_cols(Ci_, kLanes) : 0, acc_t(0)),
+        scratch(kTile * padded_cols(std::max(C_, Ci_), kLanes)) {}
 
   // conv2 (l = W2·relu(z) + b2), from D = dL/dl as [C][kTile]: grad_w2 += D·relu(Z)ᵀ and
   // DZ = (W2ᵀ·D)·[Z > 0]. grad_b2 (ΣD) is the caller's.
   void conv2(const TileForward<scalar_t, acc_t>& tile, const acc_t* D, const acc_t* w2t) {
-    tile_outer_accumulate(w2_lanes.data(), D, tile.R.data(), C, Ci);
+    tile_outer_accumulate(w2_acc.data(), D, tile.R.data(), scratch.data(), C, Ci);
     tile_gemm(DZ.data(), w2t, nullptr, D, Ci, C);
     relu_mask(DZ.data(), tile.Z.data(), Ci * kTile);
   }
 
   // Adds the chunk's weight gradients: grad_w1 (Ci×C) and, after conv2 calls, grad_w2 (C×Ci).
   void flush_weight_grads(acc_t* grad_w1, acc_t* grad_w2) const {
-    lane_sums(w1_lanes.data(), Ci * C, grad_w1);
-    if (grad_w2 != nullptr) lane_sums(w2_lanes.data(), C * Ci, grad_w2);
+    add_unpadded(w1_acc.data(), Ci, C, grad_w1);
+    if (grad_w2 != nullptr) add_unpadded(w2_acc.data(), C, Ci, grad_w2);
   }
 
   // conv1 (z = W1·t + b1) from DZ: grad_b1 += ΣDZ, grad_w1 += DZ·Tᵀ, DT = W1ᵀ·DZ.
   void conv1(const TileForward<scalar_t, acc_t>& tile, const acc_t* w1t, acc_t* grad_b1) {
     row_sums(grad_b1, DZ.data(), Ci);
-    tile_outer_accumulate(w1_lanes.data(), DZ.data(), tile.T.data(), Ci, C);
+    tile_outer_accumulate(w1_acc.data(), DZ.data(), tile.T.data(), scratch.data(), Ci, C);
     tile_gemm(DT.data(), w1t, nullptr, DZ.data(), C, Ci);
   }
 

@@ -76,55 +76,102 @@ SAFFNET_CPU_CLONES inline void tile_gemm(double* out, const double* a, const dou
   tile_gemm_body<double>(out, a, bias, b, rows, inner);
 }
 
-// Weight gradients of a 1×1 conv over one tile, kept per SIMD lane:
-//   lanes[r][k][l] += Σ_v a[r][v·L + l] · b[k][v·L + l]      (r < rows, k < cols, l < L)
-// with a, b in [row][kTile] layout and L = 64 bytes of acc_t, the lanes summed once per
-// parallel chunk (lane_sums) instead of one horizontal reduction per (r, k) and tile.
-// SCAFF(64), batch 8, 64×48, 2 threads: aff_moments_backward 9.6 → 6.6 ms and
-// aff_fuse_backward 16.7 → 12.1 ms, of which leaving the weight gradients out entirely had
-// saved 4.5 and 6.2 ms.
-template <typename acc_t>
-SAFFNET_ALWAYS_INLINE void tile_outer_accumulate_body(acc_t* __restrict__ lanes,
-                                                      const acc_t* __restrict__ a,
-                                                      const acc_t* __restrict__ b,
-                                                      int64_t rows, int64_t cols) {
+// Weight gradients of a 1×1 conv over one tile:
+//   out[r][k] += Σ_p a[r][p] · b[k][p]      (r < rows, k < cols, p < kTile)
+// with a, b in [row][kTile] layout and out a rows × cols_pad accumulator (cols_pad: cols
+// rounded up to whole 64-byte vectors; the padding columns stay zero). b is first transposed
+// into bt[p][k] (scratch, kTile × cols_pad), so this is a small GEMM whose output block (up to
+// 8 rows × 2 vectors of columns) stays in registers for the whole Σ over the tile's pixels
+// and is read and written once per tile.
+// Why not per-lane partial sums (lanes[r][k][l] += a·b over each vector lane, summed once per
+// chunk, the earlier form): the lane buffer is 16× the weight (Ci·C·16 floats: 256 KiB per
+// weight at C = 128, Ci = 32) and every tile read and wrote all of it, so the weight
+// gradients ran at L2 speed. SCAFF(128) 16×12, batch 8, 2 threads: aff_fuse_backward
+// 1.11 → see aff_tile.h for the measured step.
+inline int64_t padded_cols(int64_t cols, int64_t lanes) {
+  return (cols + lanes - 1) / lanes * lanes;
+}
+
+template <typename acc_t, int kRows, int kVecs>
+SAFFNET_ALWAYS_INLINE void outer_block(acc_t* __restrict__ out, const acc_t* __restrict__ a,
+                                       const acc_t* __restrict__ bt, int64_t r0, int64_t k0,
+                                       int64_t cols_pad) {
   typedef acc_t vec_t __attribute__((vector_size(64)));
-  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
-  constexpr int64_t V = kTile / L;
   using uvec_t = typename UnalignedVec<acc_t>::type;
-  for (int64_t r = 0; r < rows; ++r) {
-    vec_t av[V];
-    for (int64_t v = 0; v < V; ++v) av[v] = *reinterpret_cast<const uvec_t*>(a + r * kTile + v * L);
-    acc_t* lane_row = lanes + r * cols * L;
-    for (int64_t k = 0; k < cols; ++k) {
-      vec_t acc = *reinterpret_cast<const uvec_t*>(lane_row + k * L);
-      for (int64_t v = 0; v < V; ++v)
-        acc += av[v] * *reinterpret_cast<const uvec_t*>(b + k * kTile + v * L);
-      *reinterpret_cast<uvec_t*>(lane_row + k * L) = acc;
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
+  vec_t acc[kRows][kVecs];
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      acc[r][v] = *reinterpret_cast<const uvec_t*>(out + (r0 + r) * cols_pad + k0 + v * L);
+  for (int64_t p = 0; p < kTile; ++p) {
+    vec_t bv[kVecs];
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      bv[v] = *reinterpret_cast<const uvec_t*>(bt + p * cols_pad + k0 + v * L);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const acc_t s = a[(r0 + r) * kTile + p];
+#pragma GCC unroll 2
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += s * bv[v];
     }
   }
+#pragma GCC unroll 8
+  for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < kVecs; ++v)
+      *reinterpret_cast<uvec_t*>(out + (r0 + r) * cols_pad + k0 + v * L) = acc[r][v];
 }
 
-SAFFNET_CPU_CLONES inline void tile_outer_accumulate(float* lanes, const float* a,
-                                                     const float* b, int64_t rows,
-                                                     int64_t cols) {
-  tile_outer_accumulate_body<float>(lanes, a, b, rows, cols);
-}
-SAFFNET_CPU_CLONES inline void tile_outer_accumulate(double* lanes, const double* a,
-                                                     const double* b, int64_t rows,
-                                                     int64_t cols) {
-  tile_outer_accumulate_body<double>(lanes, a, b, rows, cols);
-}
-
-// out[i] += Σ_l lanes[i][l] for i < count: the per-lane sums of tile_outer_accumulate.
-template <typename acc_t>
-void lane_sums(const acc_t* lanes, int64_t count, acc_t* out) {
+template <typename acc_t, int kRows>
+SAFFNET_ALWAYS_INLINE void outer_rows(acc_t* __restrict__ out, const acc_t* __restrict__ a,
+                                      const acc_t* __restrict__ bt, int64_t r0,
+                                      int64_t cols_pad) {
   constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
-  for (int64_t i = 0; i < count; ++i) {
-    acc_t s = 0;
-    for (int64_t l = 0; l < L; ++l) s += lanes[i * L + l];
-    out[i] += s;
+  int64_t k0 = 0;
+  for (; k0 + 2 * L <= cols_pad; k0 += 2 * L)
+    outer_block<acc_t, kRows, 2>(out, a, bt, r0, k0, cols_pad);
+  if (k0 < cols_pad) outer_block<acc_t, kRows, 1>(out, a, bt, r0, k0, cols_pad);
+}
+
+template <typename acc_t>
+SAFFNET_ALWAYS_INLINE void tile_outer_accumulate_body(acc_t* __restrict__ out,
+                                                      const acc_t* __restrict__ a,
+                                                      const acc_t* __restrict__ b,
+                                                      acc_t* __restrict__ bt, int64_t rows,
+                                                      int64_t cols) {
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t cols_pad = padded_cols(cols, L);
+  for (int64_t p = 0; p < kTile; ++p) {
+    acc_t* btp = bt + p * cols_pad;
+    for (int64_t k = 0; k < cols; ++k) btp[k] = b[k * kTile + p];
+    for (int64_t k = cols; k < cols_pad; ++k) btp[k] = acc_t(0);
   }
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) outer_rows<acc_t, 8>(out, a, bt, r, cols_pad);
+  for (; r + 4 <= rows; r += 4) outer_rows<acc_t, 4>(out, a, bt, r, cols_pad);
+  for (; r < rows; ++r) outer_rows<acc_t, 1>(out, a, bt, r, cols_pad);
+}
+
+SAFFNET_CPU_CLONES inline void tile_outer_accumulate(float* out, const float* a, const float* b,
+                                                     float* bt, int64_t rows, int64_t cols) {
+  tile_outer_accumulate_body<float>(out, a, b, bt, rows, cols);
+}
+SAFFNET_CPU_CLONES inline void tile_outer_accumulate(double* out, const double* a,
+                                                     const double* b, double* bt, int64_t rows,
+                                                     int64_t cols) {
+  tile_outer_accumulate_body<double>(out, a, b, bt, rows, cols);
+}
+
+// grad[r·cols + k] += acc[r·cols_pad + k]: a padded accumulator of tile_outer_accumulate
+// added to a rows × cols gradient.
+template <typename acc_t>
+void add_unpadded(const acc_t* acc, int64_t rows, int64_t cols, acc_t* grad) {
+  constexpr int64_t L = 64 / static_cast<int64_t>(sizeof(acc_t));
+  const int64_t cols_pad = padded_cols(cols, L);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < cols; ++k) grad[r * cols + k] += acc[r * cols_pad + k];
 }
 
 }  // namespace saffnet_fast
