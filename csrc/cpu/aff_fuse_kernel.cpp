@@ -56,8 +56,7 @@ inline void aff_output_tile(double* res, const double* L, double glob, const dou
 // The gradients of aff_combine for the kTile pixels of one channel, from the incoming
 // gradient GO (zero beyond the tile's pixels, so all three are zero there, as TileBackward
 // needs): DX = ∂/∂x, DM = ∂/∂m, DS = ∂/∂(logit); returns ΣDS. wei = σ(L + glob) as
-// aff_output_tile computes it (the scalar libm sigmoid per element was ~30% of
-// aff_fuse_backward's time).
+// aff_output_tile computes it (logit_weight_tile, aff_tile.h).
 template <typename T>
 SAFFNET_ALWAYS_INLINE T aff_combine_grad_body(T* __restrict__ DX, T* __restrict__ DM,
                                               T* __restrict__ DS, const T* __restrict__ wei,
@@ -78,18 +77,13 @@ SAFFNET_CPU_CLONES float aff_combine_grad_tile(float* DX, float* DM, float* DS, 
                                                float glob, const float* GO, const float* X,
                                                const float* M) {
   alignas(64) float wei[kTile];
-  for (int64_t v = 0; v < kTile; v += 16) {
-    vfloat16 l;
-    std::memcpy(&l, L + v, sizeof(l));
-    const vfloat16 w = vec_sigmoid(l + glob);
-    std::memcpy(wei + v, &w, sizeof(w));
-  }
+  logit_weight_tile(wei, L, glob);
   return aff_combine_grad_body(DX, DM, DS, wei, GO, X, M);
 }
 double aff_combine_grad_tile(double* DX, double* DM, double* DS, const double* L, double glob,
                              const double* GO, const double* X, const double* M) {
   alignas(64) double wei[kTile];
-  for (int64_t p = 0; p < kTile; ++p) wei[p] = sigmoid(L[p] + glob);
+  logit_weight_tile(wei, L, glob);
   return aff_combine_grad_body(DX, DM, DS, wei, GO, X, M);
 }
 
@@ -98,42 +92,24 @@ void aff_fuse_forward_kernel(const at::Tensor& x, const at::Tensor& a_h, const a
                              const at::Tensor& g, const at::Tensor& w1t, const at::Tensor& b1t,
                              const at::Tensor& w2t, const at::Tensor& b2t, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
-  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
-  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
-  const auto w2 = to_acc<acc_t, scalar_t>(w2t), b2 = to_acc<acc_t, scalar_t>(b2t);
-  const Strides4 xs(x), os(out);
+  const LocalAttSetup<scalar_t, acc_t> la(x, w1t, b1t, w2t, b2t);
+  const Strides4 xs(x);
   const Strides3 hs3(a_h), ws3(a_w);
   const int64_t gn = g.stride(0), gc = g.stride(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* ahp = a_h.const_data_ptr<scalar_t>();
   const scalar_t* awp = a_w.const_data_ptr<scalar_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-
-  const bool out_plane_contiguous = os.w == 1 && os.h == W;
-  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    TileForward<scalar_t, acc_t> tile(C, Ci, W);
-    alignas(64) acc_t res[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
-      const int64_t np = std::min(kTile, HW - p0);
-      tile.load(xp, xs, ahp, hs3, awp, ws3, w1, b1, n, p0, np);
-      tile.local_logits(w2, b2);
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t glob = static_cast<acc_t>(gp[n * gn + c * gc]);
-        aff_output_tile(res, tile.Lmat.data() + c * kTile, glob, tile.X.data() + c * kTile,
-                        tile.M.data() + c * kTile);
-        scalar_t* oc = op + n * os.n + c * os.c;
-        if (out_plane_contiguous) {
-          prefetch_tile_ahead<1>(oc + p0);
-          std::copy(res, res + np, oc + p0);
-        } else {
-          store_tile(PlaneRef<scalar_t>{oc, os.h, os.w}, res, tile.seg, tile.nseg);
-        }
-      }
-    }
-  });
+  aff_forward_tiles(
+      la, out,
+      [&](TileForward<scalar_t, acc_t>& tile, int64_t n, int64_t p0, int64_t np) {
+        tile.load(xp, xs, ahp, hs3, awp, ws3, la.w1, la.b1, n, p0, np);
+      },
+      [&](acc_t* res, const TileForward<scalar_t, acc_t>& tile, int64_t n, int64_t c) {
+        const int64_t k = c * kTile;
+        aff_output_tile(res, tile.Lmat.data() + k, static_cast<acc_t>(gp[n * gn + c * gc]),
+                        tile.X.data() + k, tile.M.data() + k);
+      });
 }
 
 void aff_fuse_out_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w,
@@ -167,10 +143,10 @@ void aff_fuse_backward_kernel(const at::Tensor& grad, const at::Tensor& x, const
                               at::Tensor& gw1, at::Tensor& gb1, at::Tensor& gw2,
                               at::Tensor& gb2) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
-  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
-  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
-  const auto w2 = to_acc<acc_t, scalar_t>(w2t), b2 = to_acc<acc_t, scalar_t>(b2t);
+  const LocalAttSetup<scalar_t, acc_t> la(x, w1t, b1t, w2t, b2t);
+  const int64_t N = la.N, C = la.C, H = la.H, W = la.W, Ci = la.Ci, HW = la.HW;
+  const int64_t tiles = la.tiles;
+  const std::vector<acc_t>&w1 = la.w1, &b1 = la.b1, &w2 = la.w2, &b2 = la.b2;
   const auto w1_tr = transposed(w1, Ci, C), w2_tr = transposed(w2, C, Ci);
   const Strides4 xs(x), gs(grad), dxs(gx);
   const Strides3 hs3(a_h), ws3(a_w);

@@ -18,31 +18,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "../common/aff_fuse_checks.h"
 #include "../common/attention_math.h"
 #include "aff_tile.h"
 #include "tile_gemm.h"
-#include "vec_math.h"
 
 namespace saffnet_fast {
 namespace {
-
-// wei = σ(L + glob) for one channel's kTile pixels: vectorised for float (vec_math.h).
-SAFFNET_CPU_CLONES void pair_weight_tile(float* __restrict__ wei, const float* __restrict__ L,
-                                         float glob) {
-  for (int64_t v = 0; v < kTile; v += 16) {
-    vfloat16 l;
-    std::memcpy(&l, L + v, sizeof(l));
-    const vfloat16 w = vec_sigmoid(l + glob);
-    std::memcpy(wei + v, &w, sizeof(w));
-  }
-}
-inline void pair_weight_tile(double* wei, const double* L, double glob) {
-  for (int64_t p = 0; p < kTile; ++p) wei[p] = sigmoid(L[p] + glob);
-}
 
 // res = aff_pair_combine(x = M, residual = X, σ(L + glob)) for one channel's kTile pixels.
 template <typename T>
@@ -54,13 +38,13 @@ SAFFNET_ALWAYS_INLINE void pair_output_body(T* __restrict__ res, const T* __rest
 SAFFNET_CPU_CLONES void pair_output_tile(float* res, const float* L, float glob, const float* X,
                                          const float* M) {
   alignas(64) float wei[kTile];
-  pair_weight_tile(wei, L, glob);
+  logit_weight_tile(wei, L, glob);
   pair_output_body(res, wei, X, M);
 }
 SAFFNET_CPU_CLONES void pair_output_tile(double* res, const double* L, double glob,
                                          const double* X, const double* M) {
   alignas(64) double wei[kTile];
-  pair_weight_tile(wei, L, glob);
+  logit_weight_tile(wei, L, glob);
   pair_output_body(res, wei, X, M);
 }
 
@@ -87,14 +71,14 @@ SAFFNET_CPU_CLONES float pair_grad_tile(float* DX, float* DR, float* DS, const f
                                         float glob, const float* GO, const float* X,
                                         const float* M) {
   alignas(64) float wei[kTile];
-  pair_weight_tile(wei, L, glob);
+  logit_weight_tile(wei, L, glob);
   return pair_grad_body(DX, DR, DS, wei, GO, X, M);
 }
 SAFFNET_CPU_CLONES double pair_grad_tile(double* DX, double* DR, double* DS, const double* L,
                                          double glob, const double* GO, const double* X,
                                          const double* M) {
   alignas(64) double wei[kTile];
-  pair_weight_tile(wei, L, glob);
+  logit_weight_tile(wei, L, glob);
   return pair_grad_body(DX, DR, DS, wei, GO, X, M);
 }
 
@@ -103,40 +87,22 @@ void aff_pair_forward_kernel(const at::Tensor& x, const at::Tensor& residual,
                              const at::Tensor& g, const at::Tensor& w1t, const at::Tensor& b1t,
                              const at::Tensor& w2t, const at::Tensor& b2t, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
-  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
-  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
-  const auto w2 = to_acc<acc_t, scalar_t>(w2t), b2 = to_acc<acc_t, scalar_t>(b2t);
-  const Strides4 xs(x), rs(residual), os(out);
+  const LocalAttSetup<scalar_t, acc_t> la(x, w1t, b1t, w2t, b2t);
+  const Strides4 xs(x), rs(residual);
   const int64_t gn = g.stride(0), gc = g.stride(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* rp = residual.const_data_ptr<scalar_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  scalar_t* op = out.mutable_data_ptr<scalar_t>();
-
-  const bool out_plane_contiguous = os.w == 1 && os.h == W;
-  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    TileForward<scalar_t, acc_t> tile(C, Ci, W);
-    alignas(64) acc_t res[kTile];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiles, p0 = (task % tiles) * kTile;
-      const int64_t np = std::min(kTile, HW - p0);
-      tile.load_pair(xp, xs, rp, rs, w1, b1, n, p0, np);
-      tile.local_logits(w2, b2);
-      for (int64_t c = 0; c < C; ++c) {
+  aff_forward_tiles(
+      la, out,
+      [&](TileForward<scalar_t, acc_t>& tile, int64_t n, int64_t p0, int64_t np) {
+        tile.load_pair(xp, xs, rp, rs, la.w1, la.b1, n, p0, np);
+      },
+      [&](acc_t* res, const TileForward<scalar_t, acc_t>& tile, int64_t n, int64_t c) {
         const int64_t k = c * kTile;
         pair_output_tile(res, tile.Lmat.data() + k, static_cast<acc_t>(gp[n * gn + c * gc]),
                          tile.X.data() + k, tile.M.data() + k);
-        scalar_t* oc = op + n * os.n + c * os.c;
-        if (out_plane_contiguous) {
-          prefetch_tile_ahead<1>(oc + p0);
-          std::copy(res, res + np, oc + p0);
-        } else {
-          store_tile(PlaneRef<scalar_t>{oc, os.h, os.w}, res, tile.seg, tile.nseg);
-        }
-      }
-    }
-  });
+      });
 }
 
 // x and residual as the kernels read them: both dense NCHW or both dense NHWC (a mixed pair
@@ -171,10 +137,9 @@ void aff_pair_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
                               at::Tensor& gr, at::Tensor& gg, at::Tensor& gw1, at::Tensor& gb1,
                               at::Tensor& gw2, at::Tensor& gb2) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ci = w1t.size(0);
-  const int64_t HW = H * W, tiles = (HW + kTile - 1) / kTile;
-  const auto w1 = to_acc<acc_t, scalar_t>(w1t), b1 = to_acc<acc_t, scalar_t>(b1t);
-  const auto w2 = to_acc<acc_t, scalar_t>(w2t), b2 = to_acc<acc_t, scalar_t>(b2t);
+  const LocalAttSetup<scalar_t, acc_t> la(x, w1t, b1t, w2t, b2t);
+  const int64_t N = la.N, C = la.C, W = la.W, Ci = la.Ci, HW = la.HW, tiles = la.tiles;
+  const std::vector<acc_t>&w1 = la.w1, &b1 = la.b1, &w2 = la.w2, &b2 = la.b2;
   const auto w1_tr = transposed(w1, Ci, C), w2_tr = transposed(w2, C, Ci);
   const Strides4 xs(x), rs(residual), gs(grad), dxs(gx), drs(gr);
   const int64_t gn = g.stride(0), gc = g.stride(1);

@@ -4,6 +4,7 @@
 // (tile_gemm.h) whose inner loop runs over pixels.
 #pragma once
 
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include "../common/attention_math.h"
 #include "tile_gemm.h"
 #include "tile_loops.h"
+#include "vec_math.h"
 
 namespace saffnet_fast {
 
@@ -159,6 +161,56 @@ struct TileForward {
     tile_gemm(Lmat.data(), w2.data(), b2.data(), R.data(), C, Ci);
   }
 };
+
+// wei[p] = σ(L[p] + glob) for the kTile pixels of one channel: AFF's weighting from the
+// local logits and the channel's global logit. float: the vectorised sigmoid (vec_math.h; the
+// scalar libm one per element was ~30% of aff_fuse_backward's time); double: libm.
+SAFFNET_CPU_CLONES inline void logit_weight_tile(float* __restrict__ wei,
+                                                 const float* __restrict__ L, float glob) {
+  static_assert(kTile % 16 == 0, "kTile must be a whole number of 16-float vectors");
+  for (int64_t v = 0; v < kTile; v += 16) {
+    vfloat16 l;
+    std::memcpy(&l, L + v, sizeof(l));
+    const vfloat16 w = vec_sigmoid(l + glob);
+    std::memcpy(wei + v, &w, sizeof(w));
+  }
+}
+inline void logit_weight_tile(double* wei, const double* L, double glob) {
+  for (int64_t p = 0; p < kTile; ++p) wei[p] = sigmoid(L[p] + glob);
+}
+
+// The inference pass shared by aff_fuse and aff_pair: for every tile of kTile pixels of
+// every sample, load(tile, n, p0, np) fills the tile's buffers and its conv1
+// (TileForward::load or load_pair), then the local logits, then per channel
+// combine(res, tile, n, c) writes the tile's kTile output values into res, stored into
+// out[n, c] (NCHW with a write prefetch, or through the row segments).
+template <typename scalar_t, typename acc_t, typename Load, typename Combine>
+void aff_forward_tiles(const LocalAttSetup<scalar_t, acc_t>& la, at::Tensor& out, Load&& load,
+                       Combine&& combine) {
+  const Strides4 os(out);
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  const bool out_plane_contiguous = os.w == 1 && os.h == la.W;
+  at::parallel_for(0, la.N * la.tiles, 1, [&](int64_t begin, int64_t end) {
+    TileForward<scalar_t, acc_t> tile(la.C, la.Ci, la.W);
+    alignas(64) acc_t res[kTile];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / la.tiles, p0 = (task % la.tiles) * kTile;
+      const int64_t np = std::min(kTile, la.HW - p0);
+      load(tile, n, p0, np);
+      tile.local_logits(la.w2, la.b2);
+      for (int64_t c = 0; c < la.C; ++c) {
+        combine(res, tile, n, c);
+        scalar_t* oc = op + n * os.n + c * os.c;
+        if (out_plane_contiguous) {
+          prefetch_tile_ahead<1>(oc + p0);
+          std::copy(res, res + np, oc + p0);
+        } else {
+          store_tile(PlaneRef<scalar_t>{oc, os.h, os.w}, res, tile.seg, tile.nseg);
+        }
+      }
+    }
+  });
+}
 
 // The cols×rows transpose of a row-major rows×cols matrix: the backward GEMMs run on W2ᵀ
 // and W1ᵀ, so their inner loop, too, is over pixels.
