@@ -126,6 +126,22 @@ def _register_coord_pool() -> None:
                                     setup_context=_coord_pool_backward_setup)
 
 
+def _register_backward_op_autograd(op: str) -> None:
+    """Autograd for ``saffnet_fast::<op>`` whose backward is the one fused op
+    ``<op>_backward(grad_out, *inputs)`` returning a gradient for every input: the inputs are
+    saved as they are, and only the gradients autograd asks for are handed back."""
+    backward_op = getattr(torch.ops.saffnet_fast, f"{op}_backward")
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_out):
+        grads = backward_op(grad_out, *ctx.saved_tensors)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+    torch.library.register_autograd(f"saffnet_fast::{op}", _backward, setup_context=_setup)
+
+
 # ---------------------------------------------------------------------------------------
 # aff_fuse: AFF(x·m, x), m = a_h ⊗ a_w, local_att BN folded, global logit given
 # ---------------------------------------------------------------------------------------
@@ -153,14 +169,7 @@ def _register_aff_fuse() -> None:
                 x.new_empty((n, c)), x.new_empty(w1.shape), x.new_empty(b1.shape),
                 x.new_empty(w2.shape), x.new_empty(b2.shape))
 
-    def _setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_out):
-        grads = torch.ops.saffnet_fast.aff_fuse_backward(grad_out, *ctx.saved_tensors)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
-
-    torch.library.register_autograd("saffnet_fast::aff_fuse", _backward, setup_context=_setup)
+    _register_backward_op_autograd("aff_fuse")
 
 
 def _register_aff_pair() -> None:
@@ -175,14 +184,7 @@ def _register_aff_pair() -> None:
             global_logit.shape), w1.new_empty(w1.shape), b1.new_empty(b1.shape),
             w2.new_empty(w2.shape), b2.new_empty(b2.shape))
 
-    def _setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_out):
-        grads = torch.ops.saffnet_fast.aff_pair_backward(grad_out, *ctx.saved_tensors)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
-
-    torch.library.register_autograd("saffnet_fast::aff_pair", _backward, setup_context=_setup)
+    _register_backward_op_autograd("aff_pair")
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,14 +206,7 @@ def _register_coord_scale() -> None:
         n, c, h, w = x.shape
         return _aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w))
 
-    def _setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def _backward(ctx, grad_out):
-        grads = torch.ops.saffnet_fast.coord_scale_backward(grad_out, *ctx.saved_tensors)
-        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
-
-    torch.library.register_autograd("saffnet_fast::coord_scale", _backward, setup_context=_setup)
+    _register_backward_op_autograd("coord_scale")
 
 
 # ---------------------------------------------------------------------------------------
