@@ -372,6 +372,11 @@ def test_split_resplice_train_bad_input(mutate, exc, words):
 # ------------------------------------------------------------------------------ compile
 @pytest.mark.parametrize("kind", ["scaff", "sawf", "sr"])
 def test_torch_compile_fullgraph_training(kind):
+    # Seeded: the result must not depend on which tests ran before. Unseeded, float32
+    # native against the float32 reference missed 1e-5 on x.grad for 3 (SCAFF) and 2 (SAWF)
+    # of 30 seeds, identically at commit 10fcb37: AFF's global BN normalises N = 2 pooled
+    # values, the ill-conditioned case train_step_parity measures against float64 instead.
+    torch.manual_seed(0)
     if kind == "sr":
         module, fn = randomized(SplitResplice(16, 4, dropout=0.0), torch.float32), native_split_resplice
     else:
