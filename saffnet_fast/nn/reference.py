@@ -181,6 +181,20 @@ class CoordAttention(nn.Module):
         return x * a_w * a_h
 
 
+def _check_aff_inputs(x: torch.Tensor, residual: torch.Tensor, channels: int,
+                      same_dtype_device: bool = False) -> None:
+    """AFF's input checks; the fused kernels (``same_dtype_device``) also need residual in
+    x's dtype and on x's device, where eager PyTorch would promote or raise later."""
+    _check_input(x, channels, "x")
+    _check_input(residual, channels, "residual")
+    if x.shape != residual.shape:
+        raise ValueError(
+            f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if same_dtype_device and (residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual: expected x's dtype and device ({x.dtype}, {x.device}), "
+                         f"got {residual.dtype}, {residual.device}")
+
+
 class AFF(nn.Module):
     """Attentional feature fusion, exactly the official ``AFF(channels=64, r=4)``.
 
@@ -213,11 +227,7 @@ class AFF(nn.Module):
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.channels, "x")
-        _check_input(residual, self.channels, "residual")
-        if x.shape != residual.shape:
-            raise ValueError(
-                f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        _check_aff_inputs(x, residual, self.channels)
         xa = x + residual
         xl = self.local_att(xa)
         xg = self.global_att(xa)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._native import has_native, require_native
-from ..nn.reference import _check_input
+from ..nn.reference import _check_aff_inputs, _check_input
 
 __all__ = [
     "NATIVE_OPS",
@@ -668,18 +668,6 @@ def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *folded_aff[:4])
 
 
-def _check_pair(module, x: torch.Tensor, residual: torch.Tensor) -> None:
-    """AFF.forward's own checks (the same messages)."""
-    _check_input(x, module.channels, "x")
-    _check_input(residual, module.channels, "residual")
-    if x.shape != residual.shape:
-        raise ValueError(
-            f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"residual: expected x's dtype and device ({x.dtype}, {x.device}), "
-                         f"got {residual.dtype}, {residual.device}")
-
-
 def _aff_folded(module) -> tuple:
     return _folded_params(module, lambda: _fold_aff(module))
 
@@ -697,7 +685,7 @@ def native_aff(module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     vectors and run through the module's layers.
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
-    _check_pair(module, x, residual)
+    _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
     pooled = x.mean(dim=(2, 3)) + residual.mean(dim=(2, 3))
     if module.training:
         n, c, h, w = x.shape

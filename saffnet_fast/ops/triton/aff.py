@@ -30,6 +30,8 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
+from ...nn.reference import _check_aff_inputs
+
 from ._common import (INTERPRET, acc_dtype, aff_structure_reason, common_unsupported_reason,
                       configs, launch_is_traced_away, pixel_tile)
 from .aff_fuse import (_bottleneck_ranges, _channel_blocks, _load_both_ways, _load_pixels,
@@ -207,12 +209,7 @@ def unsupported_reason(module: nn.Module, x: torch.Tensor) -> Optional[str]:
 
 
 def triton_aff(module: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    if residual.shape != x.shape:
-        raise ValueError(
-            f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if residual.dtype != x.dtype or residual.device != x.device:
-        raise ValueError(f"residual: expected x's dtype and device ({x.dtype}, {x.device}), "
-                         f"got {residual.dtype}, {residual.device}")
+    _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
     acc = acc_dtype(x.dtype)
     pooled = x.mean(dim=(2, 3), dtype=acc) + residual.mean(dim=(2, 3), dtype=acc)
     xg = aff_global(module, pooled, acc, x.dtype)
