@@ -34,8 +34,9 @@ from ...nn.reference import _check_aff_inputs
 
 from ._common import (INTERPRET, acc_dtype, aff_structure_reason, common_unsupported_reason,
                       configs, launch_is_traced_away, pixel_tile)
-from .aff_fuse import (_bottleneck_ranges, _channel_blocks, _load_both_ways, _load_pixels,
-                       _precision)
+from .aff_fuse import (_add_bottleneck_grads, _bottleneck_backward, _bottleneck_ranges,
+                       _bottleneck_recompute, _bottleneck_weights, _channel_blocks,
+                       _load_pixels, _local_weight, _precision)
 from .scaff import aff_global, aff_local_weights
 
 
@@ -60,19 +61,8 @@ def _aff_pair_kernel(x_ptr, r_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_p
 
     x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
     r = _load_pixels(r_ptr, n64, offs_c, hh, ww, mask, sr_n, sr_c, sr_h, sr_w).to(acc_t)
-    xa = x + r
-    # W1 is CI×C: load its transpose C×CI; W2 is C×CI: load its transpose CI×C
-    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
-                  mask=mask_c[:, None] & mask_i[None, :], other=0.0)
-    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
-    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
-    t = tl.maximum(u, 0.0)
-    w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
-                  mask=mask_i[:, None] & mask_c[None, :], other=0.0)
-    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
-        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-    z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
-    wei = 1.0 / (1.0 + tl.exp(-z))
+    wei = _local_weight(x + r, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c,
+                        mask_c, offs_i, mask_i, PRECISION)
     out = 2.0 * r + 2.0 * (x - r) * wei
     tl.store(out_ptr + n64 * so_n + offs_c[None, :] * so_c + hh[:, None] * so_h
              + ww[:, None] * so_w, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -92,11 +82,8 @@ def _aff_pair_backward_kernel(g_ptr, x_ptr, r_ptr, xg_ptr, w1_ptr, b1_ptr, w2_pt
     n64 = n.to(tl.int64)
     acc_t = xg_ptr.dtype.element_ty
     offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
-    w1, w1t = _load_both_ways(w1_ptr, offs_i, mask_i, offs_c, mask_c, C)
-    w2, w2t = _load_both_ways(w2_ptr, offs_c, mask_c, offs_i, mask_i, CI)
-    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
-    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
-        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    w1, w1t, w2, w2t, b1, shift = _bottleneck_weights(w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr,
+                                                      n, C, CI, offs_c, mask_c, offs_i, mask_i)
 
     acc_dxg = tl.zeros([BLOCK_C], dtype=acc_t)
     acc_db1 = tl.zeros([BLOCK_I], dtype=acc_t)
@@ -109,31 +96,22 @@ def _aff_pair_backward_kernel(g_ptr, x_ptr, r_ptr, xg_ptr, w1_ptr, b1_ptr, w2_pt
         r = _load_pixels(r_ptr, n64, offs_c, hh, ww, mask, sr_n, sr_c, sr_h, sr_w).to(acc_t)
         g = _load_pixels(g_ptr, n64, offs_c, hh, ww, mask, sg_n, sg_c, sg_h, sg_w).to(acc_t)
         xa = x + r
-        u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
-        t = tl.maximum(u, 0.0)
-        z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
-        wei = 1.0 / (1.0 + tl.exp(-z))
+        u, t, wei = _bottleneck_recompute(xa, w1t, b1, w2t, shift, PRECISION)
         # masked pixels/channels have g = 0, hence dz = 0 and no contribution below
         dz = 2.0 * g * (x - r) * wei * (1.0 - wei)
-        acc_dxg += tl.sum(dz, axis=0)
-        acc_dw2 += tl.dot(tl.trans(dz), t, input_precision=PRECISION)
-        dt = tl.dot(dz, w2, input_precision=PRECISION)
-        du = tl.where(u > 0.0, dt, 0.0)
-        acc_db1 += tl.sum(du, axis=0)
-        acc_dw1 += tl.dot(tl.trans(du), xa, input_precision=PRECISION)
-        dxa = tl.dot(du, w1, input_precision=PRECISION)
+        dxg, dw2, db1, dw1, dxa = _bottleneck_backward(dz, u, t, xa, w1, w2, PRECISION)
+        acc_dxg += dxg
+        acc_dw2 += dw2
+        acc_db1 += db1
+        acc_dw1 += dw1
         dx = 2.0 * g * wei + dxa
         dr = 2.0 * g * (1.0 - wei) + dxa
         tl.store(dx_ptr + n64 * sd_n + offs_c[None, :] * sd_c + hh[:, None] * sd_h
                  + ww[:, None] * sd_w, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dr_ptr + n64 * se_n + offs_c[None, :] * se_c + hh[:, None] * se_h
                  + ww[:, None] * se_w, dr.to(dr_ptr.dtype.element_ty), mask=mask)
-    tl.atomic_add(dxg_ptr + n * C + offs_c, acc_dxg, mask=mask_c)
-    tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
-    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1,
-                  mask=mask_i[:, None] & mask_c[None, :])
-    tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2,
-                  mask=mask_c[:, None] & mask_i[None, :])
+    _add_bottleneck_grads(dxg_ptr, db1_ptr, dw1_ptr, dw2_ptr, n, C, CI, acc_dxg, acc_db1,
+                          acc_dw1, acc_dw2, offs_c, mask_c, offs_i, mask_i)
 
 
 def launch_aff_pair(x, residual, xg, w1, b1, w2, b2):

@@ -63,6 +63,73 @@ def _load_both_ways(ptr, offs_r, mask_r, offs_k, mask_k, K):
     return m, mt
 
 
+@triton.jit
+def _local_weight(xa, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c, mask_c, offs_i,
+                  mask_i, PRECISION: tl.constexpr):
+    """wei = σ(W2·relu(W1·xa + b1) + b2 + xg[n]) for a pixels × C tile: AFF's weighting
+    from the local bottleneck (two tl.dot's, BN folded) and the global logit. Shared by
+    AFF(x·m, x) (here) and AFF(x, residual) (aff.py)."""
+    # W1 is CI×C: load its transpose C×CI; W2 is C×CI: load its transpose CI×C
+    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
+                  mask=mask_c[:, None] & mask_i[None, :], other=0.0)
+    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
+    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
+    t = tl.maximum(u, 0.0)
+    w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
+                  mask=mask_i[:, None] & mask_c[None, :], other=0.0)
+    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
+        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _bottleneck_weights(w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, n, C, CI, offs_c, mask_c,
+                        offs_i, mask_i):
+    """The backward passes' weights: W1 and W2 both ways, b1, and b2 + xg[n]."""
+    w1, w1t = _load_both_ways(w1_ptr, offs_i, mask_i, offs_c, mask_c, C)
+    w2, w2t = _load_both_ways(w2_ptr, offs_c, mask_c, offs_i, mask_i, CI)
+    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
+    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
+        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    return w1, w1t, w2, w2t, b1, shift
+
+
+@triton.jit
+def _bottleneck_recompute(xa, w1t, b1, w2t, shift, PRECISION: tl.constexpr):
+    """(u, t = relu(u), wei) of a tile, the forward of _local_weight from loaded weights."""
+    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
+    t = tl.maximum(u, 0.0)
+    z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
+    return u, t, 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _bottleneck_backward(dz, u, t, xa, w1, w2, PRECISION: tl.constexpr):
+    """From dz = dL/d(logit), the tile's contributions to the gradients of xg (Σ over
+    pixels), W2, b1 and W1, and dL/dxa."""
+    dxg = tl.sum(dz, axis=0)
+    dw2 = tl.dot(tl.trans(dz), t, input_precision=PRECISION)
+    dt = tl.dot(dz, w2, input_precision=PRECISION)
+    du = tl.where(u > 0.0, dt, 0.0)
+    db1 = tl.sum(du, axis=0)
+    dw1 = tl.dot(tl.trans(du), xa, input_precision=PRECISION)
+    dxa = tl.dot(du, w1, input_precision=PRECISION)
+    return dxg, dw2, db1, dw1, dxa
+
+
+@triton.jit
+def _add_bottleneck_grads(dxg_ptr, db1_ptr, dw1_ptr, dw2_ptr, n, C, CI, acc_dxg, acc_db1,
+                          acc_dw1, acc_dw2, offs_c, mask_c, offs_i, mask_i):
+    """One program's accumulated weight and xg gradients, added once (atomics)."""
+    tl.atomic_add(dxg_ptr + n * C + offs_c, acc_dxg, mask=mask_c)
+    tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
+    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1,
+                  mask=mask_i[:, None] & mask_c[None, :])
+    tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2,
+                  mask=mask_c[:, None] & mask_i[None, :])
+
+
 @triton.autotune(
     configs=configs([({"BLOCK_P": 16}, 2), ({"BLOCK_P": 32}, 4), ({"BLOCK_P": 64}, 4),
                      ({"BLOCK_P": 128}, 8)], {"BLOCK_P": 16}),
@@ -86,19 +153,8 @@ def _aff_fuse_kernel(x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_p
     plane = n * C + offs_c[None, :]
     ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
     att = x * (ah * aw)
-    xa = x + att
-    # W1 is CI×C: load its transpose C×CI; W2 is C×CI: load its transpose CI×C
-    w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
-                  mask=mask_c[:, None] & mask_i[None, :], other=0.0)
-    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
-    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
-    t = tl.maximum(u, 0.0)
-    w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
-                  mask=mask_i[:, None] & mask_c[None, :], other=0.0)
-    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
-        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-    z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
-    wei = 1.0 / (1.0 + tl.exp(-z))
+    wei = _local_weight(x + att, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c,
+                        mask_c, offs_i, mask_i, PRECISION)
     out = 2.0 * x + 2.0 * (att - x) * wei
     tl.store(out_ptr + n64 * so_n + offs_c[None, :] * so_c + hh[:, None] * so_h
              + ww[:, None] * so_w, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -118,11 +174,8 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
     n64 = n.to(tl.int64)
     acc_t = xg_ptr.dtype.element_ty
     offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
-    w1, w1t = _load_both_ways(w1_ptr, offs_i, mask_i, offs_c, mask_c, C)
-    w2, w2t = _load_both_ways(w2_ptr, offs_c, mask_c, offs_i, mask_i, CI)
-    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
-    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
-        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
+    w1, w1t, w2, w2t, b1, shift = _bottleneck_weights(w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr,
+                                                      n, C, CI, offs_c, mask_c, offs_i, mask_i)
 
     acc_dxg = tl.zeros([BLOCK_C], dtype=acc_t)
     acc_db1 = tl.zeros([BLOCK_I], dtype=acc_t)
@@ -138,19 +191,14 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
         m = ah * aw
         att = x * m
         xa = x + att
-        u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
-        t = tl.maximum(u, 0.0)
-        z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
-        wei = 1.0 / (1.0 + tl.exp(-z))
+        u, t, wei = _bottleneck_recompute(xa, w1t, b1, w2t, shift, PRECISION)
         # masked pixels/channels have g = 0, hence dz = 0 and no contribution below
         dz = 2.0 * g * (att - x) * wei * (1.0 - wei)
-        acc_dxg += tl.sum(dz, axis=0)
-        acc_dw2 += tl.dot(tl.trans(dz), t, input_precision=PRECISION)
-        dt = tl.dot(dz, w2, input_precision=PRECISION)
-        du = tl.where(u > 0.0, dt, 0.0)
-        acc_db1 += tl.sum(du, axis=0)
-        acc_dw1 += tl.dot(tl.trans(du), xa, input_precision=PRECISION)
-        dxa = tl.dot(du, w1, input_precision=PRECISION)
+        dxg, dw2, db1, dw1, dxa = _bottleneck_backward(dz, u, t, xa, w1, w2, PRECISION)
+        acc_dxg += dxg
+        acc_dw2 += dw2
+        acc_db1 += db1
+        acc_dw1 += dw1
         datt = 2.0 * g * wei + dxa
         dx = 2.0 * g * (1.0 - wei) + dxa + datt * m
         tl.store(dx_ptr + n64 * sd_n + offs_c[None, :] * sd_c + hh[:, None] * sd_h
@@ -158,12 +206,8 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
         q = datt * x
         tl.atomic_add(dah_ptr + plane * H + hh[:, None], q * aw, mask=mask)
         tl.atomic_add(daw_ptr + plane * W + ww[:, None], q * ah, mask=mask)
-    tl.atomic_add(dxg_ptr + n * C + offs_c, acc_dxg, mask=mask_c)
-    tl.atomic_add(db1_ptr + offs_i, acc_db1, mask=mask_i)
-    tl.atomic_add(dw1_ptr + offs_i[:, None] * C + offs_c[None, :], acc_dw1,
-                  mask=mask_i[:, None] & mask_c[None, :])
-    tl.atomic_add(dw2_ptr + offs_c[:, None] * CI + offs_i[None, :], acc_dw2,
-                  mask=mask_c[:, None] & mask_i[None, :])
+    _add_bottleneck_grads(dxg_ptr, db1_ptr, dw1_ptr, dw2_ptr, n, C, CI, acc_dxg, acc_db1,
+                          acc_dw1, acc_dw2, offs_c, mask_c, offs_i, mask_i)
 
 
 def _precision(x: torch.Tensor) -> str:
