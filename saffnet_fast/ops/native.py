@@ -59,6 +59,7 @@ NATIVE_OPS = (
     "saffnet_fast::coord_scale_backward",
     "saffnet_fast::split_resplice",
     "saffnet_fast::split_resplice_out",
+    "saffnet_fast::split_resplice_tiled",
     "saffnet_fast::aff_moments",
     "saffnet_fast::aff_moments_backward",
     "saffnet_fast::split_resplice_train",
@@ -289,6 +290,29 @@ def _register_split_resplice() -> None:
 
     torch.library.register_autograd("saffnet_fast::split_resplice", _backward,
                                     setup_context=_setup)
+
+    # split_resplice_tiled: the same function in one launch on CUDA (an explicit tile, and
+    # the carries only when asked), the same autograd.
+    @torch.library.register_fake("saffnet_fast::split_resplice_tiled")
+    def _split_resplice_tiled_fake(x, weights, biases, negative_slope, tile_h=0, tile_w=0,
+                                   write_carries=True):
+        out, carries = _split_resplice_fake(x, weights, biases, negative_slope)
+        return out, carries if write_carries else x.new_empty((x.shape[0], 0, *x.shape[2:]))
+
+    def _tiled_setup(ctx, inputs, output):
+        ctx.write_carries = inputs[6] if len(inputs) > 6 else True
+        _setup(ctx, inputs[:4], output)
+
+    def _tiled_backward(ctx, grad_out, grad_carries):
+        if not ctx.write_carries:
+            raise RuntimeError("split_resplice_tiled: backward needs the carried channels; "
+                               "call it with write_carries=True when gradients are needed")
+        grads = _backward(ctx, grad_out, grad_carries)
+        # None for each tile / write_carries argument the call passed
+        return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
+
+    torch.library.register_autograd("saffnet_fast::split_resplice_tiled", _tiled_backward,
+                                    setup_context=_tiled_setup)
 
 
 # ---------------------------------------------------------------------------------------
@@ -811,6 +835,12 @@ def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
     if module.training:
         return _split_resplice_train(module, x, slopes.pop())
     weights, biases = _folded_params(module, lambda: _fold_split_resplice(module))
+    if x.is_cuda and not (torch.is_grad_enabled() and
+                          (x.requires_grad or any(w.requires_grad for w in weights))):
+        # No autograd: the single-launch tiled kernel without writing the carries.
+        out, _ = torch.ops.saffnet_fast.split_resplice_tiled(x, weights, biases, slopes.pop(),
+                                                             0, 0, False)
+        return out
     out, _ = torch.ops.saffnet_fast.split_resplice(x, weights, biases, slopes.pop())
     return out
 

@@ -8,8 +8,8 @@ writing its first ceil(c/2) channels straight into their slice of the output (no
 cat copies); the other channels go to a small carry buffer for the next step. Dropout is
 the identity in eval.
 
-Not written: the single-launch inference version with a halo shrinking per step
-(spec/kernels.md).
+Not written in Triton: the single-launch inference version with a halo shrinking per step
+(spec/kernels.md); the CUDA extension has it (csrc/common/split_resplice_tile.h).
 """
 from __future__ import annotations
 
