@@ -299,23 +299,27 @@ def test_cuda_out_poisoned_and_grad():
 
 @needs_cuda_build
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("tile", TILES)
 @pytest.mark.parametrize("shape, splits", SHAPES[:8] + [((2, 64, 19, 23), 8)])
-def test_cuda_tiled_matches_cpu_emulation(shape, splits, tile, dtype):
+def test_cuda_tiled_matches_cpu_emulation(shape, splits, tile):
     module = randomized(SplitResplice(shape[1], splits), torch.float64)
     weights, biases = folded(module)
     x = torch.randn(shape, dtype=torch.float64)
     with torch.no_grad():
         ref = module(x)
-    args = (x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases], 0.1)
-    emulated = OPS.split_resplice_tiled(*args, *tile)
-    cuda = OPS.split_resplice_tiled(*[_to_cuda(a) for a in args], *tile)
-    assert rel_err(cuda[0].cpu().double(), ref) < TILED_TOL[dtype]
-    for got, want in zip(cuda, emulated):
-        assert got.shape == want.shape
-        if want.numel():
-            assert rel_err(got.cpu().double(), want.double()) < TILED_TOL[dtype]
+    for dtype in [torch.float32, torch.float16, torch.bfloat16, torch.float64]:
+        args = (x.to(dtype), [w.to(dtype) for w in weights], [b.to(dtype) for b in biases], 0.1)
+        acc_size = 8 if dtype == torch.float64 else 4
+        if tile_shared_bytes(shape[1], [int(w.shape[0]) for w in weights], *tile,
+                             acc_size) > EMULATED_SHARED_BYTES:
+            continue  # over an H100 block's shared memory: test_tiled_parity checks the error
+        emulated = OPS.split_resplice_tiled(*args, *tile)
+        cuda = OPS.split_resplice_tiled(*[_to_cuda(a) for a in args], *tile)
+        assert rel_err(cuda[0].cpu().double(), ref) < TILED_TOL[dtype], dtype
+        for got, want in zip(cuda, emulated):
+            assert got.shape == want.shape
+            if want.numel():
+                assert rel_err(got.cpu().double(), want.double()) < TILED_TOL[dtype], dtype
 
 
 def _to_cuda(value):
