@@ -5,13 +5,15 @@
 #   (set by the device runner; default benchmarks/results/gpu-<date>) and copying the
 #   result JSONs to benchmarks/results/.
 #
-# usage: benchmarks/run_gpu.sh [PHASE...]       (default: all = build test ops model)
+# usage: benchmarks/run_gpu.sh [PHASE...]       (default: all = build test sr-tiles ops model)
 #   build     pip install --no-build-isolation --no-deps -e . with FORCE_CUDA=1
 #   test      pytest tests -k "cuda or triton" (parity on the GPU)
 #   ops       fused-op benchmarks, spec matrix (forward batch 64, training batch 32,
 #             float32 + float16), one pytest run per op so a time limit loses one op at most
 #   ops-split_resplice, ops-scaff, ops-sawf   one op of the ops phase (for short calls)
 #   ops-full  the full matrix (batch 1/8/32/64, float32/float16/bfloat16): long, its own call
+#   sr-tiles  benchmarks/tune_split_resplice_tiles.py: the single-launch SR per tile size
+#             (SR(64), batch 64, 64×48, float32 + float16) against eager
 #   model     saffnet bench --device cuda (float32 with training, then float16);
 #             model-float32 and model-float16 run one half each (for short calls)
 # The device runner limits one call to 10 minutes: there, call the phases one or two at a
@@ -23,9 +25,9 @@
 # On the workplace's device tool (10-minute calls, 30 minutes of device time, at most 8
 # files back from $OUT, a machine that goes back 30 s after a call): set DEADLINE_S (the
 # seconds this call may use, e.g. 560) and PACK_OUT=1, and use the two lease phases:
-#   lease-1   build, exception check, parity (-n 14, -v), op benchmarks without the compile
-#             provider (spec matrix, forward and forward + backward), the model at batch 64
-#             in float32 and float16 without compile and without training
+#   lease-1   build, exception check, parity (-n 14, -v), the SR tile sizes, op benchmarks
+#             without the compile provider (spec matrix, forward and forward + backward), the
+#             model at batch 64 in float32 and float16 without compile and without training
 #   lease-2   build, the compile provider of the op benchmarks, the model's compile
 #             providers and the training step
 # Steps run under `timeout` of the time left; a step that would start with under 30 s left
@@ -124,6 +126,12 @@ ops_run() {  # ops_run MATRIX OP
     keep "$OUT/$base-summary.json"  # the raw pytest-benchmark JSON (every timing) stays in $OUT
 }
 
+phase_sr_tiles() {
+    step "sr-tiles-$STAMP" "$PY" benchmarks/tune_split_resplice_tiles.py --device "$BENCH_DEVICE" \
+        --out "$OUT/sr-tiles-$STAMP.json"
+    keep "$OUT/sr-tiles-$STAMP.json"
+}
+
 phase_ops() { for op in split_resplice scaff sawf; do ops_run "${OPS_MATRIX:-spec}" "$op"; done; }
 phase_ops_full() { for op in split_resplice scaff sawf; do ops_run full "$op"; done; }
 
@@ -153,6 +161,7 @@ ops_providers() {  # ops_providers PROVIDERS OP: spec matrix, forward and forwar
 phase_lease_1() {
     phase_build
     STEP_MAX_S=200 PYTEST_ARGS="${PYTEST_ARGS:--n 14}" phase_test
+    STEP_MAX_S=60 phase_sr_tiles
     for op in scaff sawf split_resplice; do
         STEP_MAX_S=100 ops_providers reference,native,triton "$op"
     done
@@ -176,18 +185,19 @@ PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
 for phase in "${PHASES[@]}"; do
     case "$phase" in
-        all) phase_build; phase_test; phase_ops; phase_model ;;
+        all) phase_build; phase_test; phase_sr_tiles; phase_ops; phase_model ;;
         build) phase_build ;;
         test) phase_test ;;
         ops) phase_ops ;;
         ops-full) phase_ops_full ;;
+        sr-tiles) phase_sr_tiles ;;
         ops-split_resplice|ops-scaff|ops-sawf) ops_run "${OPS_MATRIX:-spec}" "${phase#ops-}" ;;
         model) phase_model ;;
         model-float32) phase_model_float32 ;;
         model-float16) phase_model_float16 ;;
         lease-1) phase_lease_1 ;;
         lease-2) phase_lease_2 ;;
-        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, build, test, ops, ops-<op>, ops-full, model, model-float32, model-float16, lease-1, lease-2)" >&2
+        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, build, test, sr-tiles, ops, ops-<op>, ops-full, model, model-float32, model-float16, lease-1, lease-2)" >&2
            exit 2 ;;
     esac
 done
