@@ -372,10 +372,13 @@ def test_split_resplice_train_bad_input(mutate, exc, words):
 # ------------------------------------------------------------------------------ compile
 @pytest.mark.parametrize("kind", ["scaff", "sawf", "sr"])
 def test_torch_compile_fullgraph_training(kind):
-    # Seeded: the result must not depend on which tests ran before. Unseeded, float32
-    # native against the float32 reference missed 1e-5 on x.grad for 3 (SCAFF) and 2 (SAWF)
-    # of 30 seeds, identically at commit 10fcb37: AFF's global BN normalises N = 2 pooled
-    # values, the ill-conditioned case train_step_parity measures against float64 instead.
+    # x.grad is judged against a float64 run: AFF's global BN normalises N = 2 pooled values,
+    # an ill-conditioned case where the float32 reference itself is off by more than 1e-5
+    # for some inputs. Over seeds 0–29 the float32 errors against float64 reached: SCAFF
+    # native 2.0e-4, reference 2.6e-4 (ratio ≤ 1.7 where native > 1e-5); SAWF native 9.0e-5,
+    # reference 5.2e-5 (ratio ≤ 4.4); SR both < 2e-7. Native must be within 1e-5 of float64
+    # or within 8× the float32 reference's own error. Seeded so the inputs do not depend on
+    # test order.
     torch.manual_seed(0)
     if kind == "sr":
         module, fn = randomized(SplitResplice(16, 4, dropout=0.0), torch.float32), native_split_resplice
@@ -383,14 +386,17 @@ def test_torch_compile_fullgraph_training(kind):
         cls, get = ATTENTION[kind]
         module, fn = randomized(cls(16), torch.float32), get()
     twin = copy.deepcopy(module)
+    truth = copy.deepcopy(module).double()
     compiled = torch.compile(lambda t: fn(module, t), fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 16, 5, 4)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, ref = compiled(x1), twin(x2)
+    x64 = x.double().requires_grad_(True)
+    out, ref, want = compiled(x1), twin(x2), truth(x64)
     assert rel_err(out, ref) < 1e-5
-    out.sum().backward()
-    ref.sum().backward()
-    assert rel_err(x1.grad, x2.grad) < 1e-5
+    for y in (out, ref, want):
+        y.sum().backward()
+    reference_error = rel_err(x2.grad.double(), x64.grad)
+    assert rel_err(x1.grad.double(), x64.grad) <= max(1e-5, 8 * reference_error)
     assert_running_stats_match(module, twin, 1e-5)
 
 
