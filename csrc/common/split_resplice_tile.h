@@ -15,7 +15,7 @@
 // they stay in L1/L2).
 //
 // Recompute: for s = 8 and a 16×16 tile, carry(0) covers 28×28 = 3.1× the tile, carry(5)
-// 18×18 = 1.3×; with about half of each step's channels carried, SR(64) does ~1.6× the
+// 18×18 = 1.3×; with about half of each step's channels carried, SR(64) does 1.37× the
 // convolution arithmetic of the per-step kernels, in exchange for reading x and writing
 // the output once and no carry round trips through global memory.
 #pragma once
@@ -90,7 +90,7 @@ inline SrTilePlan split_resplice_tile_plan(int64_t channels,
 // Tiles tried, in order, when the caller asks for none: the largest whose two carry buffers
 // fit kSrAutoTileBudgetBytes; when none does, the CUDA split_resplice falls back to one
 // launch per step. Not tuned on a GPU yet: 16×16 keeps SR(64)'s buffers at 32 KB with
-// ~1.6× recompute; the smaller tiles serve C ≥ 128.
+// 1.37× the arithmetic; the smaller tiles serve C ≥ 128.
 constexpr int64_t kSrAutoTiles[3][2] = {{16, 16}, {8, 16}, {8, 8}};
 // 64 KB of shared memory per block leaves room for three blocks per H100 SM.
 constexpr int64_t kSrAutoTileBudgetBytes = 64 * 1024;
