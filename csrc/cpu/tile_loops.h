@@ -276,26 +276,27 @@ SAFFNET_ALWAYS_INLINE void input_grads_body(PlaneRef<T> grad_x, T* __restrict__ 
       for (int64_t q = 0; q < g.len; ++q) gx[q * grad_x.sw] = dxs[q];
     }
     T dot = 0;
-    if (a_w.sl == 1 && g.len < kShortSegment<T>) {
-      // Short rows (W = 12, 24 in SAFFNet's low-resolution branches): an omp simd
-      // reduction runs them in its scalar epilogue and then sums 16 stored lanes one by
-      // one; four independent scalar chains are ~4× shorter. aff_fuse_backward at
-      // SCAFF(128), 8×16×12, 1 thread: measured below.
-      T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
-      int64_t q = 0;
-      for (; q + 4 <= g.len; q += 4) {
-        d0 += dms[q] * awr[q];
-        d1 += dms[q + 1] * awr[q + 1];
-        d2 += dms[q + 2] * awr[q + 2];
-        d3 += dms[q + 3] * awr[q + 3];
-      }
-      for (; q < g.len; ++q) d0 += dms[q] * awr[q];
-      dot = (d0 + d1) + (d2 + d3);
-    } else if (a_w.sl == 1) {
+    if (a_w.sl == 1 && g.len >= kShortSegment<T>) {
 #pragma omp simd reduction(+ : dot)
       for (int64_t q = 0; q < g.len; ++q) dot += dms[q] * awr[q];
     } else {
-      for (int64_t q = 0; q < g.len; ++q) dot += dms[q] * awr[q * a_w.sl];
+      // Short rows (W = 12, 24 in SAFFNet's low-resolution branches) and a broadcast or
+      // strided a_w (SAWF: a_w = 1 expanded, stride 0): four independent scalar chains. An
+      // omp simd reduction runs short rows in its scalar epilogue and then sums 16 stored
+      // lanes one by one, and the plain strided loop is one dependent chain. Measured on
+      // aff_fuse_backward, 1 thread: SCAFF(128) at 8×16×12, with the vector tile copies
+      // (tile_run), 1498 → 1205 µs; with a broadcast a_w (SAWF), 8×128×16×12: 1378 → 1320 µs.
+      const int64_t sl = a_w.sl;
+      T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+      int64_t q = 0;
+      for (; q + 4 <= g.len; q += 4) {
+        d0 += dms[q] * awr[q * sl];
+        d1 += dms[q + 1] * awr[(q + 1) * sl];
+        d2 += dms[q + 2] * awr[(q + 2) * sl];
+        d3 += dms[q + 3] * awr[(q + 3) * sl];
+      }
+      for (; q < g.len; ++q) d0 += dms[q] * awr[q * sl];
+      dot = (d0 + d1) + (d2 + d3);
     }
     red_a_h[g.h] += dot;
 #pragma omp simd
