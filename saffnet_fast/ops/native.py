@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._native import has_native, require_native
+from ._modules import is_1x1_conv
 from ..nn.reference import _check_aff_inputs, _check_input
 
 __all__ = [
@@ -534,11 +535,6 @@ def _coord_attention_factors(ca, x: torch.Tensor):
     return pool_h, a_h, a_w
 
 
-def _is_pointwise(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1)
-
-
 def _pooled_layers(layers, y: torch.Tensor) -> torch.Tensor:
     """The module's own layers on pooled N×C×L vectors (L = H + W, H, W or 1), each 1×1
     convolution as a matmul and every other layer (BN, activation) called as it is on the
@@ -546,7 +542,7 @@ def _pooled_layers(layers, y: torch.Tensor) -> torch.Tensor:
     Why: oneDNN's 1×1 convolution on these tiny maps costs 220–340 µs forward + backward at 2
     threads, a matmul / linear 56–116 µs (SCAFF(128) at batch 8: 5 such convolutions)."""
     for layer in layers:
-        if _is_pointwise(layer):
+        if is_1x1_conv(layer):
             weight, bias = _linear(layer)
             if y.shape[2] == 1:
                 y = torch.nn.functional.linear(y.squeeze(2), weight, bias).unsqueeze(2)

@@ -9,6 +9,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from .._modules import is_1x1_conv
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -126,11 +128,6 @@ def conv_bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.
     if bn.bias is not None:
         shift = shift + bn.bias
     return weight * scale[:, None], bias * scale + shift
-
-
-def is_1x1_conv(m: nn.Module) -> bool:
-    return (type(m) is nn.Conv2d and m.kernel_size == (1, 1) and m.stride == (1, 1)
-            and m.padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1)
 
 
 def is_bn_or_identity(m: nn.Module) -> bool:
