@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
@@ -64,9 +65,10 @@ inline void check_split_resplice_outputs(const at::Tensor& x, int64_t carry_chan
 }
 
 // Everything split_resplice_tiled needs before its tiles run, shared by the CUDA kernel and
-// the CPU emulation: checked arguments, the tile (tile_h = tile_w = 0: automatic), the plan,
-// the weights and biases packed into one acc_t array, and the outputs (carries N×0×H×W
-// unless write_carries). `shared_limit_bytes` is what one block may use; an explicit tile
+// the CPU emulation: checked arguments (the CUDA kernels' dtypes), the tile (tile_h = tile_w
+// = 0: automatic), the plan, the weights and biases packed into one array of x's
+// accumulation type (float for the 16-bit types, as at::acc_type on CUDA), and the outputs
+// (carries N×0×H×W unless write_carries). `shared_limit_bytes` is what one block may use; an explicit tile
 // over it is an error; with tile 0×0 and no tile fitting (or more than kSrTileMaxSteps
 // steps), plan.tile_h is 0 and nothing is allocated: the caller runs the per-step kernels.
 struct SplitRespliceTiledSetup {
@@ -77,9 +79,11 @@ struct SplitRespliceTiledSetup {
 
 inline SplitRespliceTiledSetup setup_split_resplice_tiled(
     const char* op, const at::Tensor& x, at::TensorList weights, at::TensorList biases,
-    int64_t tile_h, int64_t tile_w, bool write_carries, at::ScalarType acc_dtype,
-    int64_t shared_limit_bytes, bool allocate_outputs = true) {
+    int64_t tile_h, int64_t tile_w, bool write_carries, int64_t shared_limit_bytes,
+    bool allocate_outputs = true) {
   const std::vector<int64_t> widths = check_split_resplice_args(x, weights, biases, op);
+  check_cuda_dtype(x, op, "x");
+  const at::ScalarType acc_dtype = at::toOpMathType(x.scalar_type());
   const bool automatic = tile_h == 0 && tile_w == 0;
   TORCH_CHECK_VALUE(automatic || (tile_h >= 1 && tile_h <= 64 && tile_w >= 1 && tile_w <= 64),
                     op, ": tile_h, tile_w: expected both 0 (automatic) or both in [1, 64], got ",

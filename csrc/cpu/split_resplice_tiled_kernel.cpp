@@ -28,13 +28,9 @@ constexpr int64_t kEmulatedSharedBytes = 227 * 1024;
 std::tuple<at::Tensor, at::Tensor> split_resplice_tiled_cpu(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
     double negative_slope, int64_t tile_h, int64_t tile_w, bool write_carries) {
-  const char* op = "split_resplice_tiled";
-  check_nchw(x_in, op, "x");
-  check_cuda_dtype(x_in, op, "x");
-  const at::ScalarType acc_dtype = at::toOpMathType(x_in.scalar_type());
   SplitRespliceTiledSetup setup =
-      setup_split_resplice_tiled(op, x_in, weights, biases, tile_h, tile_w, write_carries,
-                                 acc_dtype, kEmulatedSharedBytes);
+      setup_split_resplice_tiled("split_resplice_tiled", x_in, weights, biases, tile_h, tile_w,
+                                 write_carries, kEmulatedSharedBytes);
   if (setup.plan.tile_h == 0)
     return split_resplice_untiled(x_in, weights, biases, negative_slope, write_carries);
   const at::Tensor x = x_in.contiguous();

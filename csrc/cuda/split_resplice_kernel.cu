@@ -131,13 +131,10 @@ void launch_split_resplice_tiled(const at::Tensor& x, const SplitRespliceTiledSe
 std::tuple<at::Tensor, at::Tensor> split_resplice_tiled_cuda(
     const at::Tensor& x_in, at::TensorList weights, at::TensorList biases,
     double negative_slope, int64_t tile_h, int64_t tile_w, bool write_carries) {
-  const char* op = "split_resplice_tiled";
-  check_nchw(x_in, op, "x");
-  check_cuda_dtype(x_in, op, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::ScalarType acc_dtype = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  SplitRespliceTiledSetup setup = setup_split_resplice_tiled(
-      op, x_in, weights, biases, tile_h, tile_w, write_carries, acc_dtype, shared_limit_bytes());
+  SplitRespliceTiledSetup setup =
+      setup_split_resplice_tiled("split_resplice_tiled", x_in, weights, biases, tile_h, tile_w,
+                                 write_carries, shared_limit_bytes());
   if (setup.plan.tile_h == 0)
     return split_resplice_untiled(x_in, weights, biases, negative_slope, write_carries);
   const at::Tensor x = x_in.contiguous();
@@ -158,9 +155,8 @@ void split_resplice_out_cuda(const at::Tensor& x_in, at::TensorList weights,
   check_split_resplice_outputs(x_in, CC, out, carries);
   const at::Tensor x = x_in.contiguous();
   if (static_cast<int64_t>(plan.size()) <= kSrTileMaxSteps) {
-    const at::ScalarType acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     const SplitRespliceTiledSetup setup =
-        setup_split_resplice_tiled("split_resplice", x, weights, biases, 0, 0, true, acc_dtype,
+        setup_split_resplice_tiled("split_resplice", x, weights, biases, 0, 0, true,
                                    shared_limit_bytes(), /*allocate_outputs=*/false);
     if (setup.plan.tile_h > 0) {
       launch_split_resplice_tiled(x, setup, negative_slope, out, &carries);
