@@ -3,6 +3,8 @@
 
 #include <optional>
 
+#include <ATen/ops/empty.h>
+
 #include "checks.h"
 
 namespace saffnet_fast {
@@ -38,6 +40,15 @@ inline void check_aff_args(const at::Tensor& x, const at::Tensor& a_h, const at:
   const int64_t Ci = check_local_att_conv1(x, w1, b1, op);
   check_like(w2, {C, Ci}, x, op, "w2");
   check_like(b2, {C}, x, op, "b2");
+}
+
+// aff_combine: x N×C×H×W, a_h / a_w its factors, local_logit shaped like x, global_logit N×C.
+inline void check_aff_combine_args(const at::Tensor& x, const at::Tensor& a_h,
+                                   const at::Tensor& a_w, const at::Tensor& local_logit,
+                                   const at::Tensor& global_logit, const char* op) {
+  check_coord_factors(x, a_h, a_w, op);
+  check_like(local_logit, x.sizes(), x, op, "local_logit");
+  check_like(global_logit, {x.size(0), x.size(1)}, x, op, "global_logit");
 }
 
 // aff_pair: x and residual N×C×H×W of one shape, dtype and device; the rest as aff_fuse.
@@ -96,6 +107,22 @@ inline at::MemoryFormat output_format(const at::Tensor& x) {
   return (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
              ? at::MemoryFormat::ChannelsLast
              : at::MemoryFormat::Contiguous;
+}
+
+// local_logit as it is when its planes or its channels are dense (NCHW, NHWC, or the
+// channel-major C×N×H×W of the local branch's GEMM output), else a contiguous copy.
+inline at::Tensor dense_local_logit(const at::Tensor& local) {
+  if ((local.stride(3) == 1 && local.stride(2) == local.size(3)) ||
+      local.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return local;
+  return local.contiguous();
+}
+
+// aff_input's output: N×C×H×W stored channel-major (memory order C, N, H, W), so the local
+// branch's 1×1 convolutions are single GEMMs on its C×(N·H·W) matrix view.
+inline at::Tensor aff_input_empty(const at::Tensor& x) {
+  return at::empty({x.size(1), x.size(0), x.size(2), x.size(3)}, x.options())
+      .permute({1, 0, 2, 3});
 }
 
 }  // namespace saffnet_fast

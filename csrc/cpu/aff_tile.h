@@ -27,6 +27,9 @@ struct Strides4 {
   int64_t n, c, h, w;
   explicit Strides4(const at::Tensor& t)
       : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+  int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
+    return in * n + ic * c + ih * h + iw * w;
+  }
 };
 struct Strides3 {
   int64_t n, c, l;

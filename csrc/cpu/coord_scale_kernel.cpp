@@ -23,13 +23,15 @@ namespace {
 
 constexpr int64_t kChannelBlock = 64;
 
-// One kernel for forward (grad == nullptr: out = x·a_h·a_w) and backward (out = grad_x, and
-// the row/column sums into ga_h / ga_w).
+// One kernel for forward (grad == nullptr: out = x·(offset + a_h·a_w)) and backward (out =
+// grad_x = grad·(offset + a_h·a_w), and the row/column sums into ga_h / ga_w, which the
+// offset does not change). coord_scale: offset 0; aff_input: offset 1.
 template <typename scalar_t>
 void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
                         const at::Tensor* grad, at::Tensor& out, at::Tensor* ga_h,
-                        at::Tensor* ga_w) {
+                        at::Tensor* ga_w, double offset_value = 0.0) {
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const acc_t offset = static_cast<acc_t>(offset_value);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t xn = x.stride(0), xc = x.stride(1), xh = x.stride(2), xw = x.stride(3);
   const int64_t on = out.stride(0), oc = out.stride(1), oh = out.stride(2), ow = out.stride(3);
@@ -63,14 +65,15 @@ void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
           scalar_t* orow = op + n * on + c * oc + h * oh;
           if (gp == nullptr) {
             for (int64_t w = 0; w < W; ++w)
-              orow[w * ow] = static_cast<scalar_t>(static_cast<acc_t>(xr[w * xw]) * ah * aw[w]);
+              orow[w * ow] =
+                  static_cast<scalar_t>(static_cast<acc_t>(xr[w * xw]) * (offset + ah * aw[w]));
           } else {
             const scalar_t* gr = gp + n * gn + c * gc + h * gh;
             acc_t row = 0;
             for (int64_t w = 0; w < W; ++w) {
               const acc_t g = static_cast<acc_t>(gr[w * gw]);
               const acc_t gx = g * static_cast<acc_t>(xr[w * xw]);
-              orow[w * ow] = static_cast<scalar_t>(g * ah * aw[w]);
+              orow[w * ow] = static_cast<scalar_t>(g * (offset + ah * aw[w]));
               row += gx * aw[w];
               col[w] += gx * ah;
             }
@@ -108,7 +111,8 @@ void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
           const acc_t* awr = aw.data() + w * kChannelBlock;
           if (gp == nullptr) {
             for (int64_t c = 0; c < cb; ++c)
-              po[c * oc] = static_cast<scalar_t>(static_cast<acc_t>(px[c]) * ahr[c] * awr[c]);
+              po[c * oc] =
+                  static_cast<scalar_t>(static_cast<acc_t>(px[c]) * (offset + ahr[c] * awr[c]));
           } else {
             const scalar_t* pg = gp + n * gn + h * gh + w * gw + c0 * gc;
             acc_t* rowr = rows.data() + h * kChannelBlock;
@@ -116,7 +120,7 @@ void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
             for (int64_t c = 0; c < cb; ++c) {
               const acc_t g = static_cast<acc_t>(pg[c * gc]);
               const acc_t gx = g * static_cast<acc_t>(px[c]);
-              po[c * oc] = static_cast<scalar_t>(g * ahr[c] * awr[c]);
+              po[c * oc] = static_cast<scalar_t>(g * (offset + ahr[c] * awr[c]));
               rowr[c] += gx * awr[c];
               colr[c] += gx * ahr[c];
             }
@@ -171,12 +175,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cpu(
   return {gx, ga_h, ga_w};
 }
 
+// aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), the coord_scale kernel with
+// offset 1, written channel-major (aff_input_empty).
+at::Tensor aff_input_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w) {
+  check_coord_factors(x_in, a_h, a_w, "aff_input");
+  check_cpu_dtype(x_in, "aff_input", "x");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  at::Tensor t = aff_input_empty(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_input_cpu", [&] {
+    coord_scale_kernel<scalar_t>(x, a_h, a_w, nullptr, t, nullptr, nullptr, 1.0);
+  });
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cpu(
+    const at::Tensor& grad_t, const at::Tensor& x_in, const at::Tensor& a_h,
+    const at::Tensor& a_w) {
+  check_coord_factors(x_in, a_h, a_w, "aff_input_backward");
+  check_cpu_dtype(x_in, "aff_input_backward", "x");
+  check_like(grad_t, x_in.sizes(), x_in, "aff_input_backward", "grad_t");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
+  at::Tensor ga_h = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  at::Tensor ga_w = at::empty({x.size(0), x.size(1), x.size(3)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_input_backward_cpu", [&] {
+    coord_scale_kernel<scalar_t>(x, a_h, a_w, &grad_t, gx, &ga_h, &ga_w, 1.0);
+  });
+  return {gx, ga_h, ga_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(saffnet_fast, CPU, m) {
   m.impl("coord_scale", &coord_scale_cpu);
   m.impl("coord_scale_out", &coord_scale_out_cpu);
   m.impl("coord_scale_backward", &coord_scale_backward_cpu);
+  m.impl("aff_input", &aff_input_cpu);
+  m.impl("aff_input_backward", &aff_input_backward_cpu);
 }
 
 }  // namespace saffnet_fast

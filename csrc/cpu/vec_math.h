@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../common/attention_math.h"
 #include "../common/macros.h"
 
 namespace saffnet_fast {
@@ -42,6 +43,27 @@ SAFFNET_ALWAYS_INLINE vfloat16 vec_exp(vfloat16 x) {
 
 SAFFNET_ALWAYS_INLINE vfloat16 vec_sigmoid(vfloat16 v) {
   return 1.0f / (1.0f + vec_exp(-v));
+}
+
+// v[i] = σ(v[i]) for a run of `count` values: whole 16-float vectors, then the remainder
+// through one zero-padded vector. double: libm.
+SAFFNET_CPU_CLONES inline void sigmoid_values(float* v, int64_t count) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    vfloat16 a;
+    std::memcpy(&a, v + i, sizeof(a));
+    a = vec_sigmoid(a);
+    std::memcpy(v + i, &a, sizeof(a));
+  }
+  if (i < count) {
+    vfloat16 a{};
+    std::memcpy(&a, v + i, (count - i) * sizeof(float));
+    a = vec_sigmoid(a);
+    std::memcpy(v + i, &a, (count - i) * sizeof(float));
+  }
+}
+inline void sigmoid_values(double* v, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) v[i] = sigmoid(v[i]);
 }
 
 }  // namespace saffnet_fast

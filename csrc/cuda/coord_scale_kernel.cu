@@ -41,13 +41,13 @@ __global__ void coord_scale_forward_kernel(const scalar_t* __restrict__ x,
                                            const scalar_t* __restrict__ a_h,
                                            const scalar_t* __restrict__ a_w, scalar_t* out,
                                            int64_t total, int64_t C, int64_t H, int64_t W,
-                                           Idx4 xs, Idx4 os, Idx3 hs, Idx3 ws) {
+                                           Idx4 xs, Idx4 os, Idx3 hs, Idx3 ws, acc_t offset) {
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)blockDim.x * gridDim.x) {
     const int64_t w = i % W, h = (i / W) % H, c = (i / (W * H)) % C, n = i / (W * H * C);
     const acc_t v = static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + w * xs.w]) *
-                    static_cast<acc_t>(a_h[n * hs.n + c * hs.c + h * hs.l]) *
-                    static_cast<acc_t>(a_w[n * ws.n + c * ws.c + w * ws.l]);
+                    (offset + static_cast<acc_t>(a_h[n * hs.n + c * hs.c + h * hs.l]) *
+                                  static_cast<acc_t>(a_w[n * ws.n + c * ws.c + w * ws.l]));
     out[n * os.n + c * os.c + h * os.h + w * os.w] = static_cast<scalar_t>(v);
   }
 }
@@ -59,7 +59,7 @@ __global__ void coord_scale_backward_kernel(const scalar_t* __restrict__ grad,
                                             const scalar_t* __restrict__ a_w, scalar_t* gx,
                                             scalar_t* ga_h, scalar_t* ga_w, int64_t C, int64_t H,
                                             int64_t W, Idx4 gs, Idx4 xs, Idx4 dxs, Idx3 hs,
-                                            Idx3 ws) {
+                                            Idx3 ws, acc_t offset) {
   extern __shared__ unsigned char shared_raw[];
   acc_t* col = reinterpret_cast<acc_t*>(shared_raw);  // [warps][W]
   const int64_t plane = blockIdx.x;
@@ -75,7 +75,8 @@ __global__ void coord_scale_backward_kernel(const scalar_t* __restrict__ grad,
       const acc_t aw = static_cast<acc_t>(a_w[n * ws.n + c * ws.c + w * ws.l]);
       const acc_t g = static_cast<acc_t>(grad[n * gs.n + c * gs.c + h * gs.h + w * gs.w]);
       const acc_t gxv = g * static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
-      gx[n * dxs.n + c * dxs.c + h * dxs.h + w * dxs.w] = static_cast<scalar_t>(g * ah * aw);
+      gx[n * dxs.n + c * dxs.c + h * dxs.h + w * dxs.w] =
+          static_cast<scalar_t>(g * (offset + ah * aw));
       row += gxv * aw;
       my_col[w] += gxv * ah;
     }
@@ -90,11 +91,9 @@ __global__ void coord_scale_backward_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-void coord_scale_out_cuda(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
-                          at::Tensor& out) {
-  check_coord_factors(x, a_h, a_w, "coord_scale");
-  check_cuda_dtype(x, "coord_scale", "x");
-  check_like(out, x.sizes(), x, "coord_scale", "out");
+// out = x·(offset + a_h·a_w) through out's strides (coord_scale: offset 0, aff_input: 1)
+void launch_coord_scale_forward(const at::Tensor& x, const at::Tensor& a_h,
+                                const at::Tensor& a_w, at::Tensor& out, double offset) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t total = x.numel();
   const int threads = 256;
@@ -106,9 +105,18 @@ void coord_scale_out_cuda(const at::Tensor& x, const at::Tensor& a_h, const at::
         <<<blocks, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
             x.const_data_ptr<scalar_t>(), a_h.const_data_ptr<scalar_t>(),
             a_w.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), total, x.size(1),
-            x.size(2), x.size(3), strides4(x), strides4(out), strides3(a_h), strides3(a_w));
+            x.size(2), x.size(3), strides4(x), strides4(out), strides3(a_h), strides3(a_w),
+            static_cast<acc_t>(offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+void coord_scale_out_cuda(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                          at::Tensor& out) {
+  check_coord_factors(x, a_h, a_w, "coord_scale");
+  check_cuda_dtype(x, "coord_scale", "x");
+  check_like(out, x.sizes(), x, "coord_scale", "out");
+  launch_coord_scale_forward(x, a_h, a_w, out, 0.0);
 }
 
 at::Tensor coord_scale_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
@@ -120,12 +128,10 @@ at::Tensor coord_scale_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
+// (grad_x = grad·(offset + a_h·a_w), grad_a_h, grad_a_w); `op` names the op in errors
+std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_coord_scale_backward(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
-    const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "coord_scale_backward");
-  check_cuda_dtype(x_in, "coord_scale_backward", "x");
-  check_like(grad_out, x_in.sizes(), x_in, "coord_scale_backward", "grad_out");
+    const at::Tensor& a_w, double offset, const char* op) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -136,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
                                   "coord_scale_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const size_t row_bytes = static_cast<size_t>(W) * sizeof(acc_t);
-    TORCH_CHECK_VALUE(row_bytes <= kMaxSharedBytes, "coord_scale_backward: x: W = ", W,
+    TORCH_CHECK_VALUE(row_bytes <= kMaxSharedBytes, op, ": x: W = ", W,
                       " exceeds the CUDA kernel's limit of ", kMaxSharedBytes / sizeof(acc_t),
                       " columns");
     int warps = static_cast<int>(std::min<int64_t>(kMaxWarps, std::max<int64_t>(1, H)));
@@ -148,10 +154,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
             a_h.const_data_ptr<scalar_t>(), a_w.const_data_ptr<scalar_t>(),
             gx.mutable_data_ptr<scalar_t>(), ga_h.mutable_data_ptr<scalar_t>(),
             ga_w.mutable_data_ptr<scalar_t>(), C, H, W, strides4(grad_out), strides4(x),
-            strides4(gx), strides3(a_h), strides3(a_w));
+            strides4(gx), strides3(a_h), strides3(a_w), static_cast<acc_t>(offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gx, ga_h, ga_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
+    const at::Tensor& a_w) {
+  check_coord_factors(x_in, a_h, a_w, "coord_scale_backward");
+  check_cuda_dtype(x_in, "coord_scale_backward", "x");
+  check_like(grad_out, x_in.sizes(), x_in, "coord_scale_backward", "grad_out");
+  return launch_coord_scale_backward(grad_out, x_in, a_h, a_w, 0.0, "coord_scale_backward");
+}
+
+// aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), channel-major
+at::Tensor aff_input_cuda(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w) {
+  check_coord_factors(x_in, a_h, a_w, "aff_input");
+  check_cuda_dtype(x_in, "aff_input", "x");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  at::Tensor t = aff_input_empty(x);
+  launch_coord_scale_forward(x, a_h, a_w, t, 1.0);
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cuda(
+    const at::Tensor& grad_t, const at::Tensor& x_in, const at::Tensor& a_h,
+    const at::Tensor& a_w) {
+  check_coord_factors(x_in, a_h, a_w, "aff_input_backward");
+  check_cuda_dtype(x_in, "aff_input_backward", "x");
+  check_like(grad_t, x_in.sizes(), x_in, "aff_input_backward", "grad_t");
+  return launch_coord_scale_backward(grad_t, x_in, a_h, a_w, 1.0, "aff_input_backward");
 }
 
 }  // namespace
@@ -160,6 +194,8 @@ TORCH_LIBRARY_IMPL(saffnet_fast, CUDA, m) {
   m.impl("coord_scale", &coord_scale_cuda);
   m.impl("coord_scale_out", &coord_scale_out_cuda);
   m.impl("coord_scale_backward", &coord_scale_backward_cuda);
+  m.impl("aff_input", &aff_input_cuda);
+  m.impl("aff_input_backward", &aff_input_backward_cuda);
 }
 
 }  // namespace saffnet_fast

@@ -11,11 +11,14 @@ The C++ side (``csrc/``) defines the schemas and the CPU / CUDA kernels of every
 Two modes, as in ``../shared/spec/kernels.md``:
   * inference (module.eval()): every BN folded into the adjacent convolution from its
     running statistics; Dropout off;
-  * training: the batch statistics of every full-size BN come from a fused statistics op
-    (``aff_moments`` for AFF's local branch, inside ``split_resplice_train`` for the SR
-    steps), the BN is then applied inside the consuming fused kernel, and the running
-    statistics are updated here exactly as ``nn.BatchNorm2d`` does (momentum or cumulative
-    average, unbiased running variance, ``num_batches_tracked``). BNs that act on pooled
+  * training: the SR steps take their BN batch statistics from a fused statistics pass
+    inside ``split_resplice_train``, apply them in the consuming fused kernel, and the
+    running statistics are updated here exactly as ``nn.BatchNorm2d`` does (momentum or
+    cumulative average, unbiased running variance, ``num_batches_tracked``). AFF's local
+    branch in SCAFF / SAWF runs, by default, as GEMMs between ``aff_input`` and
+    ``aff_combine`` with the module's own BN layers (``TRAINING_LOCAL_BRANCH = "stored"``);
+    ``"recompute"`` (and the official AFF's ``native_aff``) take local_att's statistics from
+    ``aff_moments`` and apply them in ``aff_fuse`` / ``aff_pair``. BNs that act on pooled
     vectors (CA's bn1, AFF's global branch) run through the module's own layers.
 
 The entry points ``native_*`` take a reference module (``saffnet_fast.nn.reference``) and
@@ -67,6 +70,10 @@ NATIVE_OPS = (
     "saffnet_fast::split_resplice_train_backward",
     "saffnet_fast::aff_pair",
     "saffnet_fast::aff_pair_backward",
+    "saffnet_fast::aff_input",
+    "saffnet_fast::aff_input_backward",
+    "saffnet_fast::aff_combine",
+    "saffnet_fast::aff_combine_backward",
 )
 
 
@@ -187,6 +194,39 @@ def _register_aff_pair() -> None:
             w2.new_empty(w2.shape), b2.new_empty(b2.shape))
 
     _register_backward_op_autograd("aff_pair")
+
+
+def _register_aff_combine() -> None:
+    @torch.library.register_fake("saffnet_fast::aff_combine")
+    def _aff_combine_fake(x, a_h, a_w, local_logit, global_logit):
+        _check_nchw(x, "aff_combine")
+        return _aff_out_like(x)
+
+    @torch.library.register_fake("saffnet_fast::aff_combine_backward")
+    def _aff_combine_backward_fake(grad_out, x, a_h, a_w, local_logit, global_logit):
+        n, c, h, w = x.shape
+        # grad_local_logit keeps local_logit's layout when it is dense (dense_local_logit in
+        # csrc/common/aff_fuse_checks.h), as the kernels do
+        plane_dense = local_logit.stride(3) == 1 and local_logit.stride(2) == w
+        dense = plane_dense or local_logit.is_contiguous(memory_format=torch.channels_last)
+        grad_local = torch.empty_like(local_logit if dense else local_logit.contiguous())
+        return (_aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w)), grad_local,
+                x.new_empty((n, c)))
+
+    _register_backward_op_autograd("aff_combine")
+
+    @torch.library.register_fake("saffnet_fast::aff_input")
+    def _aff_input_fake(x, a_h, a_w):
+        _check_nchw(x, "aff_input")
+        n, c, h, w = x.shape
+        return x.new_empty((c, n, h, w)).permute(1, 0, 2, 3)  # channel-major, as the kernels
+
+    @torch.library.register_fake("saffnet_fast::aff_input_backward")
+    def _aff_input_backward_fake(grad_t, x, a_h, a_w):
+        n, c, h, w = x.shape
+        return _aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w))
+
+    _register_backward_op_autograd("aff_input")
 
 
 # ---------------------------------------------------------------------------------------
@@ -659,6 +699,55 @@ def _local_att_train(aff, x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor)
     return w1, b1, w2, b2
 
 
+def _stored_local_att(local: nn.Sequential, t: torch.Tensor) -> torch.Tensor:
+    """AFF's local_att on aff_input's channel-major t (memory order C, N, H, W), keeping its
+    activations for backward as the reference does: each 1×1 convolution is one GEMM on the
+    C×(N·H·W) matrix view, and every other layer (BN, ReLU) is the module's own layer on a
+    (1, C, N·H, W) view, so BN takes its batch statistics over the same N·H·W values and
+    updates its running statistics itself. Returns the logits N×C×H×W (channel-major)."""
+    n, c, h, w = t.shape
+    y = t.permute(1, 0, 2, 3).reshape(c, n * h * w)  # a view: t is channel-major
+    for layer in local:
+        if is_1x1_conv(layer):
+            weight, bias = _linear(layer)
+            y = weight @ y if bias is None else torch.addmm(bias[:, None], weight, y)
+        else:
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and _bn_uses_batch_stats(layer):
+                # the reference's message and shape, not those of the (1, C, N·H, W) view
+                _check_batch_count(layer, n * h * w, (n, y.shape[0], h, w))
+            y = layer(y.view(1, y.shape[0], n * h, w)).view(y.shape[0], n * h * w)
+    return y.view(-1, n, h, w).permute(1, 0, 2, 3)
+
+
+def _stored_local_supported(local: nn.Module) -> bool:
+    """_stored_local_att's assumption: local_att is 1×1 convolutions and per-channel layers."""
+    return isinstance(local, nn.Sequential) and all(
+        is_1x1_conv(layer) or isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.ReLU))
+        for layer in local)
+
+
+# How native_scaff / native_sawf run AFF's local branch in training mode:
+#   "stored" (default): aff_input writes t = x·(1 + m) once (channel-major), the 1×1
+#     convolutions run as GEMMs and the BNs / ReLU as the module's own layers, keeping their
+#     activations for backward as the reference does, and aff_combine forms the output.
+#     Arithmetic as the reference's (forward + backward: the two convolutions' 3 GEMMs each).
+#   "recompute": aff_moments (×2) and aff_fuse, which recompute the local branch from x in
+#     every pass and store no activation: less memory, but 3.3× the reference's arithmetic,
+#     which costs more than the saved traffic on these CPUs. Measured, training forward +
+#     backward at batch 8, 2 threads (eager / recompute / stored, ms): SCAFF(128) 16×12
+#     4.94 / 5.01 / 3.56, SCAFF(64) 32×24 7.06 / 6.17 / 4.68, SAWF(64) 64×48 33.4 / 16.7 /
+#     14.6 (benchmarks/README.md has the benchmark suite's figures).
+TRAINING_LOCAL_BRANCH = "stored"
+_LOCAL_BRANCH_MODES = ("stored", "recompute")
+
+
+def _use_stored_local(aff) -> bool:
+    if TRAINING_LOCAL_BRANCH not in _LOCAL_BRANCH_MODES:
+        raise ValueError(f"saffnet_fast.ops.native.TRAINING_LOCAL_BRANCH: expected one of "
+                         f"{_LOCAL_BRANCH_MODES}, got {TRAINING_LOCAL_BRANCH!r}")
+    return TRAINING_LOCAL_BRANCH == "stored" and _stored_local_supported(aff.local_att)
+
+
 def _global_logit_modules(aff, pooled: torch.Tensor) -> torch.Tensor:
     """AFF's global_att on the already pooled N×C mean of its xa, through the module's own
     layers (so its BNs behave exactly as in the reference in either mode)."""
@@ -695,6 +784,13 @@ def _pooled_xa(x: torch.Tensor, pool_h: torch.Tensor, a_h: torch.Tensor,
     return torch.addcmul(pool_h, a_h, weighted, value=1.0 / x.shape[3]).mean(dim=2)
 
 
+def _plane_mean(x: torch.Tensor) -> torch.Tensor:
+    """mean_hw(x), N×C, as a sum then a scale: the sum's backward is a broadcast view of the
+    N×C gradient, where mean's materialises an N×C×H×W tensor (expand, then divide) that
+    the engine then adds into x's gradient (8×128×16×12, 2 threads: ~110 µs per call)."""
+    return x.sum(dim=(2, 3)) * (1.0 / (x.shape[2] * x.shape[3]))
+
+
 def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     """SCAFF(x) = AFF(CA(x), x), either mode.
 
@@ -703,14 +799,24 @@ def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     (read x), aff_fuse (read x, write out): 3 reads + 1 write; no full-size intermediate.
     Every BN is folded (cached per module when no gradient reaches the parameters).
 
-    Training: the same, plus two aff_moments passes (read x each) for the batch statistics
-    of local_att's two BNs, which aff_fuse then applies; 5 reads + 1 write. CA's bn1 and
-    the global branch's BNs act on pooled vectors and run through the module's layers.
+    Training (TRAINING_LOCAL_BRANCH "stored", the default): coord_pool (read x), aff_input
+    (read x, write t = x·(1 + a_h·a_w) channel-major), local_att as GEMMs and the module's own
+    BN / ReLU layers on t (its activations kept for backward, as the reference keeps them),
+    aff_combine (read x and the local logits, write out); the global branch's input is
+    mean_hw(t). "recompute": the inference passes plus two aff_moments passes (read x each)
+    for the batch statistics of local_att's two BNs, which aff_fuse then applies; 5 reads +
+    1 write and no stored activation. Either way CA's bn1 and the global branch's BNs act
+    on pooled vectors and run through the module's layers.
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
     if module.training:
         pool_h, a_h, a_w = _coord_attention_factors(module.ca, x)
+        if _use_stored_local(module.aff):
+            t = torch.ops.saffnet_fast.aff_input(x, a_h, a_w)
+            global_logit = _global_logit_modules(module.aff, _plane_mean(t))
+            local_logit = _stored_local_att(module.aff.local_att, t)
+            return torch.ops.saffnet_fast.aff_combine(x, a_h, a_w, local_logit, global_logit)
         global_logit = _global_logit_modules(module.aff, _pooled_xa(x, pool_h, a_h, a_w))
         local = _local_att_train(module.aff, x, a_h, a_w)
         return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *local)
@@ -778,18 +884,23 @@ def native_sawf(module, x: torch.Tensor) -> torch.Tensor:
     SE+'s gate depends on x only through s = mean_hw(x), and AFF's global input is
     mean_hw(x·(1 + gate)) = s·(1 + gate): passes over the tensor are x.mean (read x) and
     aff_fuse (read x, write out), with m = gate broadcast (a_h = gate over H, a_w = 1).
-    Training adds two aff_moments passes (read x each) for local_att's batch statistics;
-    SE+ has no BN, and the global branch's BNs run through the module's layers.
+    Training: SE+ has no BN, and the global branch's BNs run through the module's layers;
+    local_att runs as in native_scaff (TRAINING_LOCAL_BRANCH: aff_input, GEMMs and the
+    module's layers, aff_combine; or two aff_moments passes and aff_fuse).
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
     n, c, h, w = x.shape
-    s = x.mean(dim=(2, 3))
+    s = _plane_mean(x) if module.training else x.mean(dim=(2, 3))
     if module.training:
         gate = _se_plus_gate(_fold_se_plus(module.se), s)
         a_h = gate.unsqueeze(-1).expand(n, c, h)
         a_w = gate.new_ones(()).expand(n, c, w)
         global_logit = _global_logit_modules(module.aff, torch.addcmul(s, s, gate))
+        if _use_stored_local(module.aff):
+            t = torch.ops.saffnet_fast.aff_input(x, a_h, a_w)
+            local_logit = _stored_local_att(module.aff.local_att, t)
+            return torch.ops.saffnet_fast.aff_combine(x, a_h, a_w, local_logit, global_logit)
         local = _local_att_train(module.aff, x, a_h, a_w)
         return torch.ops.saffnet_fast.aff_fuse(x, a_h, a_w, global_logit, *local)
     folded_se, folded_aff = _sawf_folded(module)
@@ -881,3 +992,4 @@ if has_native():
     _register_aff_moments()
     _register_split_resplice_train()
     _register_aff_pair()
+    _register_aff_combine()
