@@ -1,6 +1,7 @@
-"""The stored local branch's ops: aff_input (t = x·(1 + a_h ⊗ a_w), channel-major) and
-aff_combine (AFF's output 2·x·(1 + (m − 1)·σ(local + global)) from given logits), each
-forward and backward against ATen formulas, across dtypes, layouts and odd shapes."""
+"""The stored local branch's ops: aff_input (t = x·(1 + a_h ⊗ a_w), channel-major),
+aff_combine (AFF(x·m, x) = 2·x·(1 + (m − 1)·σ(local + global)) from given logits) and
+aff_pair_combine (the official AFF(x, residual) from given logits), each forward and
+backward against ATen formulas, across dtypes, layouts and odd shapes."""
 from __future__ import annotations
 
 import pytest
@@ -208,3 +209,88 @@ def test_cuda_gradcheck_and_opcheck():
     torch.library.opcheck(OPS.aff_combine.default, tuple(leaves))
     assert torch.autograd.gradcheck(OPS.aff_input, tuple(leaves[:3]))
     torch.library.opcheck(OPS.aff_input.default, tuple(leaves[:3]))
+
+
+# ---------------------------------------------------------------- aff_pair_combine
+def pair_reference(x, residual, local, glob):
+    wei = torch.sigmoid(local + glob[..., None, None])
+    return 2 * x * wei + 2 * residual * (1 - wei)
+
+
+def pair_args(shape, dtype, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, _, _ = shape
+    values = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    values.append(torch.randn(n, c, generator=gen, dtype=torch.float64))
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in values]
+
+
+@pytest.mark.parametrize("local_layout", ["contiguous", "channel_major", "sliced"])
+@pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_aff_pair_combine_forward_backward(shape, dtype, x_layout, local_layout):
+    leaves = pair_args(shape, dtype)
+    x, residual, local, glob = leaves
+    out = OPS.aff_pair_combine(in_layout(x, x_layout), in_layout(residual, "channels_last"),
+                               in_layout(local, local_layout), glob)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = pair_reference(*ref_leaves)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+    grad = in_layout(torch.randn(shape, dtype=torch.float64), "sliced")
+    got = torch.autograd.grad(out, leaves, grad.to(dtype))
+    want = torch.autograd.grad(ref, ref_leaves, grad)
+    for name, g, w in zip(["x", "residual", "local_logit", "global_logit"], got, want):
+        assert g.shape == w.shape, name
+        assert rel_err(g, w) < TOL[dtype], name
+
+
+def test_aff_pair_combine_gradcheck_opcheck_poison_and_errors():
+    leaves = pair_args((2, 3, 4, 5), torch.float64, seed=1)
+    assert torch.autograd.gradcheck(OPS.aff_pair_combine, tuple(leaves))
+    torch.library.opcheck(OPS.aff_pair_combine.default, tuple(leaves))
+    cm = [leaves[0], leaves[1], in_layout(leaves[2], "channel_major").detach().requires_grad_(),
+          leaves[3]]
+    torch.library.opcheck(OPS.aff_pair_combine.default, tuple(cm))
+    args = [t.detach() for t in leaves]
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        outs = [OPS.aff_pair_combine(*args),
+                *OPS.aff_pair_combine_backward(torch.ones_like(args[0]), *args)]
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.utils.deterministic.fill_uninitialized_memory = prev[1]
+    for out in outs:
+        assert not torch.isnan(out).any()
+    with pytest.raises(ValueError, match="aff_pair_combine: residual: expected shape"):
+        OPS.aff_pair_combine(args[0], args[1][:, :2], args[2], args[3])
+    with pytest.raises(ValueError, match="aff_pair_combine: global_logit: expected shape"):
+        OPS.aff_pair_combine(args[0], args[1], args[2], args[3][:1])
+    with pytest.raises(TypeError, match="local_logit: expected dtype"):
+        OPS.aff_pair_combine(args[0], args[1], args[2].float(), args[3])
+
+
+@needs_cuda_build
+@pytest.mark.cuda
+@pytest.mark.parametrize("local_layout", ["contiguous", "channel_major"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_aff_pair_combine(shape, local_layout):
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        leaves = pair_args(shape, dtype, device="cuda")
+        x, residual, local, glob = leaves
+        out = OPS.aff_pair_combine(x, residual, in_layout(local, local_layout), glob)
+        ref_leaves = [v.detach().cpu().double().requires_grad_() for v in leaves]
+        ref = pair_reference(*ref_leaves)
+        assert rel_err(out.cpu(), ref) < CUDA_TOL[dtype], dtype
+        grad = torch.randn(shape, dtype=torch.float64)
+        got = torch.autograd.grad(out, leaves, grad.to(out))
+        want = torch.autograd.grad(ref, ref_leaves, grad)
+        for name, g, w in zip(["x", "residual", "local_logit", "global_logit"], got, want):
+            assert rel_err(g.cpu(), w) < CUDA_TOL[dtype], (dtype, name)
+    leaves = pair_args((2, 3, 4, 5), torch.float64, seed=1, device="cuda")
+    assert torch.autograd.gradcheck(OPS.aff_pair_combine, tuple(leaves))
+    torch.library.opcheck(OPS.aff_pair_combine.default, tuple(leaves))

@@ -156,14 +156,14 @@ class _TwoInputs(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(3, 32, 7, 5), (4, 16, 1, 3), (3, 64, 4, 9)])
-def test_native_aff_training_parity(shape, dtype):
+def test_native_aff_training_parity(shape, dtype, local_branch):
     from test_native_training import train_step_parity
     module = _TwoInputs(randomized_aff(shape[1], 4, dtype)).train()
     fn = lambda m, x: native_aff(m.aff, x, m.residual(x))  # noqa: E731
     train_step_parity(module, fn, torch.randn(shape, dtype=dtype), dtype)
 
 
-def test_native_aff_training_gradcheck():
+def test_native_aff_training_gradcheck(local_branch):
     module = randomized_aff(8, 4, torch.float64, seed=3).train()
     for m in module.modules():  # gradcheck calls forward many times: keep statistics fixed
         if isinstance(m, nn.BatchNorm2d):
@@ -247,6 +247,22 @@ def test_fast_aff_torch_compile_fullgraph():
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert rel_err(compiled(x, residual), AFF.forward(module, x, residual)) < 1e-5
+
+
+def test_fast_aff_training_torch_compile_fullgraph(local_branch):
+    module = randomize_batchnorm(FastAFF(16, 4, backend="native")).double().train()
+    twin = copy.deepcopy(module)
+    x, residual = torch.randn(3, 16, 5, 4, dtype=torch.float64), torch.randn(3, 16, 5, 4,
+                                                                           dtype=torch.float64)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, ref = compiled(x1, residual), AFF.forward(twin, x2, residual)
+    assert rel_err(out, ref) < 1e-10
+    out.sum().backward()
+    ref.sum().backward()
+    assert rel_err(x1.grad, x2.grad) < 1e-10
+    for (name, got), (_, want) in zip(module.named_buffers(), twin.named_buffers()):
+        assert rel_err(got.double(), want.double()) < 1e-10, name
 
 
 def test_optimize_for_inference_with_a_users_aff():

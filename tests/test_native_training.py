@@ -115,14 +115,6 @@ def train_step_parity(module, fn, x, dtype):
     assert_running_stats_match(module, twin, TOL[dtype])
 
 
-@pytest.fixture(params=["stored", "recompute"])
-def local_branch(request, monkeypatch):
-    """Each SCAFF / SAWF training test runs with both ways of running AFF's local branch."""
-    from saffnet_fast.ops import native
-    monkeypatch.setattr(native, "TRAINING_LOCAL_BRANCH", request.param)
-    return request.param
-
-
 # ------------------------------------------------------------------------------ modules
 ATTENTION = {"scaff": (SCAFF, lambda: native_scaff), "sawf": (SAWF, lambda: native_sawf)}
 # AFF's global branch has a BN over the N pooled maps: training needs N ≥ 2, as in the

@@ -51,6 +51,17 @@ inline void check_aff_combine_args(const at::Tensor& x, const at::Tensor& a_h,
   check_like(global_logit, {x.size(0), x.size(1)}, x, op, "global_logit");
 }
 
+// aff_pair_combine: x and residual N×C×H×W of one shape, local_logit shaped like x,
+// global_logit N×C, all of x's dtype and device.
+inline void check_aff_pair_combine_args(const at::Tensor& x, const at::Tensor& residual,
+                                        const at::Tensor& local_logit,
+                                        const at::Tensor& global_logit, const char* op) {
+  check_nchw(x, op, "x");
+  check_like(residual, x.sizes(), x, op, "residual");
+  check_like(local_logit, x.sizes(), x, op, "local_logit");
+  check_like(global_logit, {x.size(0), x.size(1)}, x, op, "global_logit");
+}
+
 // aff_pair: x and residual N×C×H×W of one shape, dtype and device; the rest as aff_fuse.
 inline void check_aff_pair_args(const at::Tensor& x, const at::Tensor& residual,
                                 const at::Tensor& global_logit, const at::Tensor& w1,

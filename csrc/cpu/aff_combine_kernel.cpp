@@ -74,8 +74,9 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
                         at::Tensor& out, at::Tensor* g_local, at::Tensor* g_a_h,
                         at::Tensor* g_a_w, at::Tensor* g_global) {
   // float math for float (the vectorised sigmoid; at::acc_type would be double on the CPU)
-  // and double for double; only the plane sums of grad_global, up to H·W terms, are kept in
-  // double, added once per row (NCHW) or per pixel (channels_last).
+  // and double for double; the row, column and plane sums (grad_a_h, grad_a_w,
+  // grad_global) are accumulated in double: they cancel, and in float32 their rounding
+  // depended on the vector width of the clone that ran (AVX2 vs AVX-512).
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const Strides4 xs(x), ls(local), os(out);
@@ -101,7 +102,8 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
   if (!channel_innermost) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> aw(W), col(W), wei(H * W);
+      std::vector<acc_t> aw(W), wei(H * W);
+      std::vector<double> col(W);
       std::vector<acc_t> AH, AW, DMW, DMH, Gbuf, DSbuf;
       if (gp != nullptr) {
         for (auto* v : {&AH, &AW, &DMW, &DMH, &Gbuf, &DSbuf}) v->resize(H * W);
@@ -155,11 +157,11 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
           for (int64_t h = 0; h < H; ++h)
             for (int64_t w = 0; w < W; ++w) dl[h * dls.h + w * dls.w] = DS[h * W + w];
         }
-        std::fill(col.begin(), col.end(), acc_t(0));
+        std::fill(col.begin(), col.end(), 0.0);
         for (int64_t h = 0; h < H; ++h) {
           const acc_t* dmw = DMW.data() + h * W;
           const acc_t* dmh = DMH.data() + h * W;
-          acc_t r0 = 0, r1 = 0;  // two chains: rows are short (W = 12, 24)
+          double r0 = 0, r1 = 0;  // two chains: rows are short (W = 12, 24)
           int64_t w = 0;
           for (; w + 1 < W; w += 2) {
             r0 += dmw[w];
@@ -178,8 +180,9 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
 
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> ah(kChannelBlock * H), aw(kChannelBlock * W), rows(kChannelBlock * H),
-        cols(kChannelBlock * W), glob(kChannelBlock), wei(kChannelBlock);
+    std::vector<acc_t> ah(kChannelBlock * H), aw(kChannelBlock * W), glob(kChannelBlock),
+        wei(kChannelBlock);
+    std::vector<double> rows(kChannelBlock * H), cols(kChannelBlock * W);
     std::vector<double> sums(kChannelBlock);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / blocks, c0 = (task % blocks) * kChannelBlock;
@@ -192,8 +195,8 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
         for (int64_t w = 0; w < W; ++w)
           aw[w * kChannelBlock + c] = static_cast<acc_t>(awp[n * wn + (c0 + c) * wc + w * ww]);
       }
-      std::fill(rows.begin(), rows.end(), acc_t(0));
-      std::fill(cols.begin(), cols.end(), acc_t(0));
+      std::fill(rows.begin(), rows.end(), 0.0);
+      std::fill(cols.begin(), cols.end(), 0.0);
       std::fill(sums.begin(), sums.end(), 0.0);
       for (int64_t h = 0; h < H; ++h) {
         const acc_t* ahr = ah.data() + h * kChannelBlock;
@@ -212,8 +215,8 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
           }
           const scalar_t* pg = gp + gs.at(n, c0, h, w);
           scalar_t* pdl = dlp + dls.at(n, c0, h, w);
-          acc_t* rowr = rows.data() + h * kChannelBlock;
-          acc_t* colr = cols.data() + w * kChannelBlock;
+          double* rowr = rows.data() + h * kChannelBlock;
+          double* colr = cols.data() + w * kChannelBlock;
           for (int64_t c = 0; c < cb; ++c) {
             const auto d = aff_combine_grad(static_cast<acc_t>(pg[c * gs.c]),
                                             static_cast<acc_t>(px[c * xs.c]), ahr[c] * awr[c],

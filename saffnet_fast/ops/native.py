@@ -74,6 +74,8 @@ NATIVE_OPS = (
     "saffnet_fast::aff_input_backward",
     "saffnet_fast::aff_combine",
     "saffnet_fast::aff_combine_backward",
+    "saffnet_fast::aff_pair_combine",
+    "saffnet_fast::aff_pair_combine_backward",
 )
 
 
@@ -196,6 +198,14 @@ def _register_aff_pair() -> None:
     _register_backward_op_autograd("aff_pair")
 
 
+def _grad_local_like(local_logit: torch.Tensor) -> torch.Tensor:
+    """grad_local_logit as the kernels allocate it: local_logit's layout when it is dense
+    (dense_local_logit in csrc/common/aff_fuse_checks.h), else contiguous."""
+    plane_dense = local_logit.stride(3) == 1 and local_logit.stride(2) == local_logit.shape[3]
+    dense = plane_dense or local_logit.is_contiguous(memory_format=torch.channels_last)
+    return torch.empty_like(local_logit if dense else local_logit.contiguous())
+
+
 def _register_aff_combine() -> None:
     @torch.library.register_fake("saffnet_fast::aff_combine")
     def _aff_combine_fake(x, a_h, a_w, local_logit, global_logit):
@@ -207,11 +217,8 @@ def _register_aff_combine() -> None:
         n, c, h, w = x.shape
         # grad_local_logit keeps local_logit's layout when it is dense (dense_local_logit in
         # csrc/common/aff_fuse_checks.h), as the kernels do
-        plane_dense = local_logit.stride(3) == 1 and local_logit.stride(2) == w
-        dense = plane_dense or local_logit.is_contiguous(memory_format=torch.channels_last)
-        grad_local = torch.empty_like(local_logit if dense else local_logit.contiguous())
-        return (_aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w)), grad_local,
-                x.new_empty((n, c)))
+        return (_aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w)),
+                _grad_local_like(local_logit), x.new_empty((n, c)))
 
     _register_backward_op_autograd("aff_combine")
 
@@ -227,6 +234,18 @@ def _register_aff_combine() -> None:
         return _aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w))
 
     _register_backward_op_autograd("aff_input")
+
+    @torch.library.register_fake("saffnet_fast::aff_pair_combine")
+    def _aff_pair_combine_fake(x, residual, local_logit, global_logit):
+        _check_nchw(x, "aff_pair_combine")
+        return _aff_out_like(x)
+
+    @torch.library.register_fake("saffnet_fast::aff_pair_combine_backward")
+    def _aff_pair_combine_backward_fake(grad_out, x, residual, local_logit, global_logit):
+        return (_aff_out_like(x), _aff_out_like(residual), _grad_local_like(local_logit),
+                x.new_empty(global_logit.shape))
+
+    _register_backward_op_autograd("aff_pair_combine")
 
 
 # ---------------------------------------------------------------------------------------
@@ -837,13 +856,26 @@ def native_aff(module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     (one read of each), then aff_pair (read both, write out): every BN folded (cached per
     module when no gradient reaches the parameters), no full-size intermediate.
 
-    Training: local_att's two BNs take their batch statistics with aff_moments on
-    xa = x + residual with zero factors (t = xa; one write and two reads of xa, the only
-    full-size intermediate), and aff_pair applies them; the global branch's BNs act on pooled
-    vectors and run through the module's layers.
+    Training (TRAINING_LOCAL_BRANCH "stored", the default): xa = x + residual written once,
+    channel-major; local_att as GEMMs and the module's own BN / ReLU layers on it (as in
+    native_scaff); aff_pair_combine forms the output (x, residual and the local logits read
+    once, 1 write). "recompute": local_att's two BNs take their batch statistics with
+    aff_moments on xa = x + residual with zero factors (t = xa; one write and two reads of
+    xa, the only full-size intermediate), and aff_pair applies them. Either way the global
+    branch's BNs act on pooled vectors and run through the module's layers.
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
+    if module.training and _use_stored_local(module):
+        # xa written once, channel-major, for the local branch's GEMMs (a copy_ into the
+        # permuted buffer, then the residual added in place: autograd sees both)
+        n, c, h, w = x.shape
+        xa = x.new_empty((c, n, h, w)).permute(1, 0, 2, 3)
+        xa.copy_(x)
+        xa.add_(residual)
+        global_logit = _global_logit_modules(module, _plane_mean(xa))
+        local_logit = _stored_local_att(module.local_att, xa)
+        return torch.ops.saffnet_fast.aff_pair_combine(x, residual, local_logit, global_logit)
     pooled = x.mean(dim=(2, 3)) + residual.mean(dim=(2, 3))
     if module.training:
         n, c, h, w = x.shape
