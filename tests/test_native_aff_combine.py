@@ -4,6 +4,8 @@ aff_pair_combine (the official AFF(x, residual) from given logits), each forward
 backward against ATen formulas, across dtypes, layouts and odd shapes."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -140,22 +142,27 @@ def test_gradcheck_and_opcheck():
     torch.library.opcheck(OPS.aff_input.default, tuple(leaves[:3]))
 
 
-def test_outputs_are_fully_written():
-    """With deterministic fill, every new tensor starts as NaN: a value the kernels skip
-    would show."""
-    leaves = [t.detach() for t in make_args((2, 9, 5, 3), torch.float32, seed=2)]
+@contextlib.contextmanager
+def nan_filled_empty():
+    """Deterministic fill: every new tensor starts as NaN, so a value a kernel skips shows."""
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     try:
         assert torch.isnan(torch.empty(4)).all()  # the poison is on
-        outs = [OPS.aff_combine(*leaves), OPS.aff_input(*leaves[:3]),
-                *OPS.aff_combine_backward(torch.ones_like(leaves[0]), *leaves),
-                *OPS.aff_input_backward(torch.ones_like(leaves[0]), *leaves[:3])]
+        yield
     finally:
         torch.use_deterministic_algorithms(prev[0])
         torch.utils.deterministic.fill_uninitialized_memory = prev[1]
+
+
+def test_outputs_are_fully_written():
+    leaves = [t.detach() for t in make_args((2, 9, 5, 3), torch.float32, seed=2)]
+    with nan_filled_empty():
+        outs = [OPS.aff_combine(*leaves), OPS.aff_input(*leaves[:3]),
+                *OPS.aff_combine_backward(torch.ones_like(leaves[0]), *leaves),
+                *OPS.aff_input_backward(torch.ones_like(leaves[0]), *leaves[:3])]
     for out in outs:
         assert not torch.isnan(out).any()
 
@@ -263,16 +270,9 @@ def test_aff_pair_combine_gradcheck_opcheck_poison_and_errors():
           leaves[3]]
     torch.library.opcheck(OPS.aff_pair_combine.default, tuple(cm))
     args = [t.detach() for t in leaves]
-    prev = (torch.are_deterministic_algorithms_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
+    with nan_filled_empty():
         outs = [OPS.aff_pair_combine(*args),
                 *OPS.aff_pair_combine_backward(torch.ones_like(args[0]), *args)]
-    finally:
-        torch.use_deterministic_algorithms(prev[0])
-        torch.utils.deterministic.fill_uninitialized_memory = prev[1]
     for out in outs:
         assert not torch.isnan(out).any()
     with pytest.raises(ValueError, match="aff_pair_combine: residual: expected shape"):

@@ -4,6 +4,7 @@
 #include <optional>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include "checks.h"
 
@@ -127,6 +128,30 @@ inline at::Tensor dense_local_logit(const at::Tensor& local) {
       local.is_contiguous(at::MemoryFormat::ChannelsLast))
     return local;
   return local.contiguous();
+}
+
+// The gradients of aff_combine_backward / aff_pair_combine_backward, allocated once for
+// both registrations and laid out as the fake kernels in saffnet_fast/ops/native.py say:
+// full-size gradients in x's (or residual's) format, grad_local_logit in local_logit's own
+// (dense) layout, the per-plane ones contiguous. x and local are the dense_* forms.
+struct AffCombineGrads {
+  at::Tensor x, a_h, a_w, local, global;
+};
+inline AffCombineGrads empty_aff_combine_grads(const at::Tensor& x, const at::Tensor& local) {
+  const int64_t N = x.size(0), C = x.size(1);
+  return {at::empty(x.sizes(), x.options().memory_format(output_format(x))),
+          at::empty({N, C, x.size(2)}, x.options()), at::empty({N, C, x.size(3)}, x.options()),
+          at::empty_like(local), at::empty({N, C}, x.options())};
+}
+struct AffPairCombineGrads {
+  at::Tensor x, residual, local, global;
+};
+inline AffPairCombineGrads empty_aff_pair_combine_grads(const at::Tensor& x,
+                                                        const at::Tensor& residual,
+                                                        const at::Tensor& local) {
+  return {at::empty(x.sizes(), x.options().memory_format(output_format(x))),
+          at::empty(x.sizes(), x.options().memory_format(output_format(residual))),
+          at::empty_like(local), at::empty({x.size(0), x.size(1)}, x.options())};
 }
 
 // aff_input's output: N×C×H×W stored channel-major (memory order C, N, H, W), so the local

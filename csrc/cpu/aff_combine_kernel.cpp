@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -101,6 +100,8 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
   const bool channel_innermost = C > 1 && xs.c == 1;
   if (!channel_innermost) {
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
+    const PlaneAccess<scalar_t> grad_plane(grad != nullptr ? *grad : x);
+    const PlaneAccess<scalar_t> grad_local_plane(g_local != nullptr ? *g_local : x);
     at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> aw(W), wei(H * W);
       std::vector<double> col(W);
@@ -140,23 +141,13 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
             AW[h * W + w] = aw[w];
           }
         }
-        const scalar_t* G = gp + n * gs.n + c * gs.c;
-        if (!(gs.w == 1 && gs.h == W)) {
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) Gbuf[h * W + w] = G[h * gs.h + w * gs.w];
-          G = Gbuf.data();
-        }
-        const bool local_plane_dense = dls.w == 1 && dls.h == W;
-        scalar_t* DS = local_plane_dense ? dlp + n * dls.n + c * dls.c : DSbuf.data();
+        const scalar_t* G = grad_plane.read(gp, n, c, Gbuf);
+        scalar_t* DS = grad_local_plane.target(dlp, n, c, DSbuf);
         const double plane_sum = combine_grad_plane(G, xp + n * xs.n + c * xs.c, wei.data(),
                                                     AH.data(), AW.data(), H * W,
                                                     op + n * os.n + c * os.c, DS, DMW.data(),
                                                     DMH.data());
-        if (!local_plane_dense) {
-          scalar_t* dl = dlp + n * dls.n + c * dls.c;
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t w = 0; w < W; ++w) dl[h * dls.h + w * dls.w] = DS[h * W + w];
-        }
+        grad_local_plane.commit(dlp, n, c, DSbuf);
         std::fill(col.begin(), col.end(), 0.0);
         for (int64_t h = 0; h < H; ++h) {
           const acc_t* dmw = DMW.data() + h * W;
@@ -265,17 +256,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aff_combi
   check_like(grad_out, x_in.sizes(), x_in, "aff_combine_backward", "grad_out");
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const at::Tensor local = dense_local_logit(local_in);
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor g_x = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  at::Tensor g_local = at::empty_like(local);  // local's strides (dense: preserved)
-  at::Tensor g_a_h = at::empty({N, C, H}, x.options());
-  at::Tensor g_a_w = at::empty({N, C, W}, x.options());
-  at::Tensor g_global = at::empty({N, C}, x.options());
+  AffCombineGrads g = empty_aff_combine_grads(x, local);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_combine_backward_cpu", [&] {
-    aff_combine_kernel<scalar_t>(x, a_h, a_w, local, global_logit, &grad_out, g_x, &g_local,
-                                 &g_a_h, &g_a_w, &g_global);
+    aff_combine_kernel<scalar_t>(x, a_h, a_w, local, global_logit, &grad_out, g.x, &g.local,
+                                 &g.a_h, &g.a_w, &g.global);
   });
-  return {g_x, g_a_h, g_a_w, g_local, g_global};
+  return {g.x, g.a_h, g.a_w, g.local, g.global};
 }
 
 }  // namespace

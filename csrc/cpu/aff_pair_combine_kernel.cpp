@@ -13,7 +13,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -75,32 +74,6 @@ SAFFNET_CPU_CLONES inline double pair_combine_grad_plane(const double* G, const 
   return pair_combine_grad_plane_body(G, X, R, WEI, count, DX, DR, DS);
 }
 
-// A view of one (n, c) plane of an N×C×H×W tensor: read in place when its H·W values are
-// dense, else gathered into (or, for outputs, written through) `buffer`.
-template <typename T>
-struct Plane {
-  const Strides4 s;
-  const int64_t H, W;
-  explicit Plane(const at::Tensor& t) : s(t), H(t.size(2)), W(t.size(3)) {}
-  bool dense() const { return s.w == 1 && s.h == W; }
-  const T* read(const T* base, int64_t n, int64_t c, std::vector<T>& buffer) const {
-    const T* p = base + n * s.n + c * s.c;
-    if (dense()) return p;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) buffer[h * W + w] = p[h * s.h + w * s.w];
-    return buffer.data();
-  }
-  T* target(T* base, int64_t n, int64_t c, std::vector<T>& buffer) const {
-    return dense() ? base + n * s.n + c * s.c : buffer.data();
-  }
-  void commit(T* base, int64_t n, int64_t c, const std::vector<T>& buffer) const {
-    if (dense()) return;
-    T* p = base + n * s.n + c * s.c;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) p[h * s.h + w * s.w] = buffer[h * W + w];
-  }
-};
-
 // Forward (grad == nullptr): out = aff_pair_combine(x, residual, σ(local + global)).
 // Backward: out is grad_x; grad_residual, grad_local and grad_global are written too.
 template <typename scalar_t>
@@ -110,7 +83,7 @@ void aff_pair_combine_kernel(const at::Tensor& x, const at::Tensor& residual,
                              at::Tensor* g_local, at::Tensor* g_global) {
   static_assert(std::is_same_v<at::opmath_type<scalar_t>, scalar_t>, "float32 / float64 only");
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
-  const Plane<scalar_t> xp(x), rp(residual), lp(local), op(out);
+  const PlaneAccess<scalar_t> xp(x), rp(residual), lp(local), op(out);
   const scalar_t* xd = x.const_data_ptr<scalar_t>();
   const scalar_t* rd = residual.const_data_ptr<scalar_t>();
   const scalar_t* ld = local.const_data_ptr<scalar_t>();
@@ -121,9 +94,9 @@ void aff_pair_combine_kernel(const at::Tensor& x, const at::Tensor& residual,
   scalar_t* drd = g_residual ? g_residual->mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dld = g_local ? g_local->mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dgd = g_global ? g_global->mutable_data_ptr<scalar_t>() : nullptr;
-  const Plane<scalar_t> gp(grad != nullptr ? *grad : x);
-  const Plane<scalar_t> drp(g_residual != nullptr ? *g_residual : x);
-  const Plane<scalar_t> dlp(g_local != nullptr ? *g_local : x);
+  const PlaneAccess<scalar_t> gp(grad != nullptr ? *grad : x);
+  const PlaneAccess<scalar_t> drp(g_residual != nullptr ? *g_residual : x);
+  const PlaneAccess<scalar_t> dlp(g_local != nullptr ? *g_local : x);
 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, HW));
   at::parallel_for(0, N * C, grain, [&](int64_t begin, int64_t end) {
@@ -180,16 +153,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aff_pair_combine_back
   check_like(grad_out, x_in.sizes(), x_in, "aff_pair_combine_backward", "grad_out");
   const at::Tensor x = dense_nchw_or_nhwc(x_in), residual = dense_nchw_or_nhwc(residual_in);
   const at::Tensor local = dense_local_logit(local_in);
-  at::Tensor g_x = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  at::Tensor g_residual =
-      at::empty(x.sizes(), x.options().memory_format(output_format(residual)));
-  at::Tensor g_local = at::empty_like(local);  // local's strides (dense: preserved)
-  at::Tensor g_global = at::empty({x.size(0), x.size(1)}, x.options());
+  AffPairCombineGrads g = empty_aff_pair_combine_grads(x, residual, local);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_pair_combine_backward_cpu", [&] {
-    aff_pair_combine_kernel<scalar_t>(x, residual, local, global_logit, &grad_out, g_x,
-                                      &g_residual, &g_local, &g_global);
+    aff_pair_combine_kernel<scalar_t>(x, residual, local, global_logit, &grad_out, g.x,
+                                      &g.residual, &g.local, &g.global);
   });
-  return {g_x, g_residual, g_local, g_global};
+  return {g.x, g.residual, g.local, g.global};
 }
 
 }  // namespace

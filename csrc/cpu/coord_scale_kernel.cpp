@@ -159,20 +159,29 @@ at::Tensor coord_scale_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
-    const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "coord_scale_backward");
-  check_cpu_dtype(x_in, "coord_scale_backward", "x");
-  check_like(grad_out, x_in.sizes(), x_in, "coord_scale_backward", "grad_out");
+// (grad_x = grad·(offset + a_h·a_w), grad_a_h, grad_a_w) for coord_scale_backward (offset
+// 0) and aff_input_backward (offset 1); `op` and `grad_name` name them in errors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
+    const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& a_h,
+    const at::Tensor& a_w, double offset, const char* op, const char* grad_name) {
+  check_coord_factors(x_in, a_h, a_w, op);
+  check_cpu_dtype(x_in, op, "x");
+  check_like(grad, x_in.sizes(), x_in, op, grad_name);
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
   at::Tensor ga_h = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
   at::Tensor ga_w = at::empty({x.size(0), x.size(1), x.size(3)}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "coord_scale_backward_cpu", [&] {
-    coord_scale_kernel<scalar_t>(x, a_h, a_w, &grad_out, gx, &ga_h, &ga_w);
+    coord_scale_kernel<scalar_t>(x, a_h, a_w, &grad, gx, &ga_h, &ga_w, offset);
   });
   return {gx, ga_h, ga_w};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& a_h,
+    const at::Tensor& a_w) {
+  return coord_scale_backward_with_offset(grad_out, x, a_h, a_w, 0.0, "coord_scale_backward",
+                                          "grad_out");
 }
 
 // aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), the coord_scale kernel with
@@ -189,19 +198,10 @@ at::Tensor aff_input_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cpu(
-    const at::Tensor& grad_t, const at::Tensor& x_in, const at::Tensor& a_h,
+    const at::Tensor& grad_t, const at::Tensor& x, const at::Tensor& a_h,
     const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "aff_input_backward");
-  check_cpu_dtype(x_in, "aff_input_backward", "x");
-  check_like(grad_t, x_in.sizes(), x_in, "aff_input_backward", "grad_t");
-  const at::Tensor x = dense_nchw_or_nhwc(x_in);
-  at::Tensor gx = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  at::Tensor ga_h = at::empty({x.size(0), x.size(1), x.size(2)}, x.options());
-  at::Tensor ga_w = at::empty({x.size(0), x.size(1), x.size(3)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_input_backward_cpu", [&] {
-    coord_scale_kernel<scalar_t>(x, a_h, a_w, &grad_t, gx, &ga_h, &ga_w, 1.0);
-  });
-  return {gx, ga_h, ga_w};
+  return coord_scale_backward_with_offset(grad_t, x, a_h, a_w, 1.0, "aff_input_backward",
+                                          "grad_t");
 }
 
 }  // namespace

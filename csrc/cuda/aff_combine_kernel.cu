@@ -15,33 +15,19 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../common/aff_fuse_checks.h"
 #include "../common/attention_math.h"
 #include "cuda_utils.cuh"
+#include "tensor_strides.cuh"
 
 namespace saffnet_fast {
 namespace {
 
 constexpr int kMaxWarps = 8;
 constexpr size_t kMaxSharedBytes = 48 * 1024;
-
-struct Idx4 {
-  int64_t n, c, h, w;
-  __host__ __device__ int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
-    return in * n + ic * c + ih * h + iw * w;
-  }
-};
-struct Idx3 {
-  int64_t n, c, l;
-};
-inline Idx4 strides4(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-inline Idx3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 template <typename scalar_t, typename acc_t>
 __global__ void aff_combine_forward_kernel(const scalar_t* __restrict__ x,
@@ -145,11 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aff_combi
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const at::Tensor local = dense_local_logit(local_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor g_x = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  at::Tensor g_local = at::empty_like(local);  // local's strides (dense: preserved)
-  at::Tensor g_a_h = at::empty({N, C, H}, x.options());
-  at::Tensor g_a_w = at::empty({N, C, W}, x.options());
-  at::Tensor g_global = at::empty({N, C}, x.options());
+  AffCombineGrads g = empty_aff_combine_grads(x, local);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "aff_combine_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -165,14 +147,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> aff_combi
             grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             a_h.const_data_ptr<scalar_t>(), a_w.const_data_ptr<scalar_t>(),
             local.const_data_ptr<scalar_t>(), global_logit.const_data_ptr<scalar_t>(),
-            g_x.mutable_data_ptr<scalar_t>(), g_local.mutable_data_ptr<scalar_t>(),
-            g_a_h.mutable_data_ptr<scalar_t>(), g_a_w.mutable_data_ptr<scalar_t>(),
-            g_global.mutable_data_ptr<scalar_t>(), C, H, W, strides4(grad_out), strides4(x),
-            strides4(local), strides4(g_x), strides4(g_local), strides3(a_h), strides3(a_w),
+            g.x.mutable_data_ptr<scalar_t>(), g.local.mutable_data_ptr<scalar_t>(),
+            g.a_h.mutable_data_ptr<scalar_t>(), g.a_w.mutable_data_ptr<scalar_t>(),
+            g.global.mutable_data_ptr<scalar_t>(), C, H, W, strides4(grad_out), strides4(x),
+            strides4(local), strides4(g.x), strides4(g.local), strides3(a_h), strides3(a_w),
             global_logit.stride(0), global_logit.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {g_x, g_a_h, g_a_w, g_local, g_global};
+  return {g.x, g.a_h, g.a_w, g.local, g.global};
 }
 
 }  // namespace

@@ -13,26 +13,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "../common/aff_fuse_checks.h"
 #include "../common/attention_math.h"
 #include "cuda_utils.cuh"
+#include "tensor_strides.cuh"
 
 namespace saffnet_fast {
 namespace {
-
-struct Idx4 {
-  int64_t n, c, h, w;
-  __host__ __device__ int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
-    return in * n + ic * c + ih * h + iw * w;
-  }
-};
-inline Idx4 strides4(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void aff_pair_combine_forward_kernel(
@@ -116,11 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aff_pair_combine_back
   const at::Tensor x = dense_nchw_or_nhwc(x_in), residual = dense_nchw_or_nhwc(residual_in);
   const at::Tensor local = dense_local_logit(local_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor g_x = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  at::Tensor g_residual =
-      at::empty(x.sizes(), x.options().memory_format(output_format(residual)));
-  at::Tensor g_local = at::empty_like(local);  // local's strides (dense: preserved)
-  at::Tensor g_global = at::empty({N, C}, x.options());
+  AffPairCombineGrads g = empty_aff_pair_combine_grads(x, residual, local);
   const int threads = static_cast<int>(
       std::min<int64_t>(256, std::max<int64_t>(kWarpSize, (H * W + kWarpSize - 1) /
                                                               kWarpSize * kWarpSize)));
@@ -131,14 +117,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> aff_pair_combine_back
         <<<static_cast<unsigned>(N * C), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
             grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
             residual.const_data_ptr<scalar_t>(), local.const_data_ptr<scalar_t>(),
-            global_logit.const_data_ptr<scalar_t>(), g_x.mutable_data_ptr<scalar_t>(),
-            g_residual.mutable_data_ptr<scalar_t>(), g_local.mutable_data_ptr<scalar_t>(),
-            g_global.mutable_data_ptr<scalar_t>(), C, H, W, strides4(grad_out), strides4(x),
-            strides4(residual), strides4(local), strides4(g_x), strides4(g_residual),
-            strides4(g_local), global_logit.stride(0), global_logit.stride(1));
+            global_logit.const_data_ptr<scalar_t>(), g.x.mutable_data_ptr<scalar_t>(),
+            g.residual.mutable_data_ptr<scalar_t>(), g.local.mutable_data_ptr<scalar_t>(),
+            g.global.mutable_data_ptr<scalar_t>(), C, H, W, strides4(grad_out), strides4(x),
+            strides4(residual), strides4(local), strides4(g.x), strides4(g.residual),
+            strides4(g.local), global_logit.stride(0), global_logit.stride(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {g_x, g_residual, g_local, g_global};
+  return {g.x, g.residual, g.local, g.global};
 }
 
 }  // namespace

@@ -18,23 +18,13 @@
 
 #include "../common/aff_fuse_checks.h"
 #include "cuda_utils.cuh"
+#include "tensor_strides.cuh"
 
 namespace saffnet_fast {
 namespace {
 
 constexpr int kMaxWarps = 8;
 constexpr size_t kMaxSharedBytes = 48 * 1024;
-
-struct Idx4 {
-  int64_t n, c, h, w;
-};
-struct Idx3 {
-  int64_t n, c, l;
-};
-inline Idx4 strides4(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
-inline Idx3 strides3(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
 template <typename scalar_t, typename acc_t>
 __global__ void coord_scale_forward_kernel(const scalar_t* __restrict__ x,
@@ -128,10 +118,14 @@ at::Tensor coord_scale_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
   return out;
 }
 
-// (grad_x = grad·(offset + a_h·a_w), grad_a_h, grad_a_w); `op` names the op in errors
-std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_coord_scale_backward(
+// (grad_x = grad·(offset + a_h·a_w), grad_a_h, grad_a_w) for coord_scale_backward (offset
+// 0) and aff_input_backward (offset 1); `op` and `grad_name` name them in errors.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
-    const at::Tensor& a_w, double offset, const char* op) {
+    const at::Tensor& a_w, double offset, const char* op, const char* grad_name) {
+  check_coord_factors(x_in, a_h, a_w, op);
+  check_cuda_dtype(x_in, op, "x");
+  check_like(grad_out, x_in.sizes(), x_in, op, grad_name);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -163,10 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch_coord_scale_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
     const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "coord_scale_backward");
-  check_cuda_dtype(x_in, "coord_scale_backward", "x");
-  check_like(grad_out, x_in.sizes(), x_in, "coord_scale_backward", "grad_out");
-  return launch_coord_scale_backward(grad_out, x_in, a_h, a_w, 0.0, "coord_scale_backward");
+  return coord_scale_backward_with_offset(grad_out, x_in, a_h, a_w, 0.0, "coord_scale_backward",
+                                          "grad_out");
 }
 
 // aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), channel-major
@@ -182,10 +174,8 @@ at::Tensor aff_input_cuda(const at::Tensor& x_in, const at::Tensor& a_h, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cuda(
     const at::Tensor& grad_t, const at::Tensor& x_in, const at::Tensor& a_h,
     const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "aff_input_backward");
-  check_cuda_dtype(x_in, "aff_input_backward", "x");
-  check_like(grad_t, x_in.sizes(), x_in, "aff_input_backward", "grad_t");
-  return launch_coord_scale_backward(grad_t, x_in, a_h, a_w, 1.0, "aff_input_backward");
+  return coord_scale_backward_with_offset(grad_t, x_in, a_h, a_w, 1.0, "aff_input_backward",
+                                          "grad_t");
 }
 
 }  // namespace
