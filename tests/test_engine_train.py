@@ -144,11 +144,13 @@ DDP_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     trainer = Trainer(cfg, TinyPoseNet(17, width=8), build_dataset(cfg, "train"), log=lambda s: None)
     out = trainer.fit()
-    checksum = float(sum(p.double().sum() for p in trainer.model.parameters()))
+    checksum = float(sum(p.detach().double().sum() for p in trainer.model.parameters()))
     rank = int(os.environ["RANK"])
     with open(os.path.join(cfg["output_dir"], f"rank{rank}.json"), "w") as f:
         json.dump({"steps": out["global_step"], "checksum": checksum,
                    "world": trainer.world_size}, f)
+    trainer.close()
+    assert not torch.distributed.is_initialized()
 """)
 
 

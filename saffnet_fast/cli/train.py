@@ -24,8 +24,8 @@ def run(args) -> int:
     train_set = build_dataset(config, "train")
     val_set = build_dataset(config, "val") if rank == 0 else None
     model = build_model_from_config(config)
-    trainer = Trainer(config, model, train_set, val_set)
-    result = trainer.fit()
+    with Trainer(config, model, train_set, val_set) as trainer:
+        result = trainer.fit()
     if rank == 0:
         print(json.dumps({"global_step": result["global_step"],
                           "final_loss": result["losses"][-1] if result["losses"] else None,

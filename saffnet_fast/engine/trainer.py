@@ -87,10 +87,15 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.ddp_model = model
+        # A process group this Trainer created is destroyed by close(): left to interpreter
+        # exit, gloo's worker threads can be torn down while still joinable, and the rank dies
+        # with SIGABRT ("terminate called without an active exception") after a good run.
+        self._owns_process_group = False
         if self.world_size > 1:
             if not torch.distributed.is_initialized():
                 torch.distributed.init_process_group(
                     "nccl" if self.device.type == "cuda" else "gloo")
+                self._owns_process_group = True
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.train_set = train_set
@@ -113,6 +118,20 @@ class Trainer:
         self.checkpoint_path = os.path.join(self.output_dir, CHECKPOINT_NAME)
         if self.train_cfg["resume"] and os.path.isfile(self.checkpoint_path):
             self.resume(self.checkpoint_path)
+
+    def close(self) -> None:
+        """Release the distributed process group if this Trainer created it (idempotent).
+        ``with Trainer(...) as trainer:`` calls it on the way out."""
+        if self._owns_process_group and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank leaves while another still communicates
+            torch.distributed.destroy_process_group()
+        self._owns_process_group = False
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ state
     def _optimizer(self) -> torch.optim.Optimizer:
