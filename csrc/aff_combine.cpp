@@ -10,13 +10,16 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(saffnet_fast, m) {
-  // t = x·(1 + a_h ⊗ a_w), AFF's xa, N×C×H×W stored channel-major (memory order C, N, H, W):
-  // the local branch's 1×1 convolutions then run as single GEMMs on t's C×(N·H·W) view.
-  // Kernels: the coord_scale kernels with offset 1 (cpu/ and cuda/coord_scale_kernel.*).
-  m.def("aff_input(Tensor x, Tensor a_h, Tensor a_w) -> Tensor");
+  // -> (t, t_sum): t = x·(1 + a_h ⊗ a_w), AFF's xa, N×C×H×W stored channel-major (memory
+  // order C, N, H, W): the local branch's 1×1 convolutions then run as single GEMMs on t's
+  // C×(N·H·W) view; t_sum = Σ_hw t, N×C, the global branch's input (times 1/(H·W)), from
+  // the same pass. Kernels: the coord_scale kernels with offset 1 (cpu/ and
+  // cuda/coord_scale_kernel.*).
+  m.def("aff_input(Tensor x, Tensor a_h, Tensor a_w) -> (Tensor, Tensor)");
+  // with g = grad_t + grad_sum[n, c] (grad_sum optional):
   // -> (grad_x = g·(1 + a_h·a_w), grad_a_h = Σ_w g·x·a_w, grad_a_w = Σ_h g·x·a_h)
-  m.def("aff_input_backward(Tensor grad_t, Tensor x, Tensor a_h, Tensor a_w) -> "
-        "(Tensor, Tensor, Tensor)");
+  m.def("aff_input_backward(Tensor grad_t, Tensor? grad_sum, Tensor x, Tensor a_h, "
+        "Tensor a_w) -> (Tensor, Tensor, Tensor)");
   // local_logit N×C×H×W (the BN'd local_att output), global_logit N×C
   m.def("aff_combine(Tensor x, Tensor a_h, Tensor a_w, Tensor local_logit, "
         "Tensor global_logit) -> Tensor");

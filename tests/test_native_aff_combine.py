@@ -1,4 +1,5 @@
-"""The stored local branch's ops: aff_input (t = x·(1 + a_h ⊗ a_w), channel-major),
+"""The stored local branch's ops: aff_input (t = x·(1 + a_h ⊗ a_w), channel-major, and its
+plane sums),
 aff_combine (AFF(x·m, x) = 2·x·(1 + (m − 1)·σ(local + global)) from given logits) and
 aff_pair_combine (the official AFF(x, residual) from given logits), each forward and
 backward against ATen formulas, across dtypes, layouts and odd shapes."""
@@ -111,24 +112,36 @@ def test_aff_combine_grad_local_keeps_the_channel_major_layout():
     assert grads[3].stride() == cm.stride()
 
 
+@pytest.mark.parametrize("grad_layout", ["channel_major", "sliced"])
 @pytest.mark.parametrize("x_layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_aff_input_forward_backward(shape, dtype, x_layout):
+def test_aff_input_forward_backward(shape, dtype, x_layout, grad_layout):
+    """t and its plane sums, and the gradients through both (t's gradient in the layout the
+    GEMMs give, channel-major, or strided: the kernels' two NCHW paths)."""
     x, a_h, a_w, _, _ = make_args(shape, dtype)
-    t = OPS.aff_input(in_layout(x, x_layout), a_h, a_w)
+    t, t_sum = OPS.aff_input(in_layout(x, x_layout), a_h, a_w)
     n, c, h, w = shape
     # channel-major: the C×(N·H·W) matrix view of the stored local branch is a plain view
     assert t.permute(1, 0, 2, 3).is_contiguous()
     leaves = [v.detach().double().requires_grad_() for v in (x, a_h, a_w)]
     ref = input_reference(*leaves)
+    ref_sum = ref.sum(dim=(2, 3))
     assert rel_err(t, ref) < TOL[dtype]
-    grad = in_layout(torch.randn(shape, dtype=torch.float64,
-                                 generator=torch.Generator().manual_seed(7)), "channel_major")
-    got = torch.autograd.grad(t, (x, a_h, a_w), grad.to(dtype))
-    want = torch.autograd.grad(ref, leaves, grad)
+    assert t_sum.shape == (n, c) and rel_err(t_sum, ref_sum) < TOL[dtype]
+    gen = torch.Generator().manual_seed(7)
+    grad = in_layout(torch.randn(shape, dtype=torch.float64, generator=gen), grad_layout)
+    grad_sum = torch.randn(n, c, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad((t, t_sum), (x, a_h, a_w), (grad.to(dtype), grad_sum.to(dtype)))
+    want = torch.autograd.grad((ref, ref_sum), leaves, (grad, grad_sum))
     for name, g, wt in zip(["x", "a_h", "a_w"], got, want):
         assert rel_err(g, wt) < TOL[dtype], name
+    # t alone (the plane sums unused, as in SAWF)
+    t, _ = OPS.aff_input(in_layout(x, x_layout), a_h, a_w)
+    got = torch.autograd.grad(t, (x, a_h, a_w), grad.to(dtype))
+    want = torch.autograd.grad(input_reference(*leaves), leaves, grad)
+    for name, g, wt in zip(["x", "a_h", "a_w"], got, want):
+        assert rel_err(g, wt) < TOL[dtype], ("t only", name)
 
 
 def test_gradcheck_and_opcheck():
@@ -140,6 +153,14 @@ def test_gradcheck_and_opcheck():
     torch.library.opcheck(OPS.aff_combine.default, tuple(cm))
     assert torch.autograd.gradcheck(OPS.aff_input, tuple(leaves[:3]))
     torch.library.opcheck(OPS.aff_input.default, tuple(leaves[:3]))
+    # the plane sums' gradient input of the backward op (gradcheck of the op above takes
+    # gradients through both outputs; this checks the backward op's own schema)
+    grad_t = torch.randn_like(leaves[0]).detach()
+    grad_sum = torch.randn(2, 3, dtype=torch.float64)
+    torch.library.opcheck(OPS.aff_input_backward.default,
+                          (grad_t, grad_sum, *[v.detach() for v in leaves[:3]]))
+    torch.library.opcheck(OPS.aff_input_backward.default,
+                          (grad_t, None, *[v.detach() for v in leaves[:3]]))
 
 
 @contextlib.contextmanager
@@ -160,9 +181,11 @@ def nan_filled_empty():
 def test_outputs_are_fully_written():
     leaves = [t.detach() for t in make_args((2, 9, 5, 3), torch.float32, seed=2)]
     with nan_filled_empty():
-        outs = [OPS.aff_combine(*leaves), OPS.aff_input(*leaves[:3]),
+        outs = [OPS.aff_combine(*leaves), *OPS.aff_input(*leaves[:3]),
                 *OPS.aff_combine_backward(torch.ones_like(leaves[0]), *leaves),
-                *OPS.aff_input_backward(torch.ones_like(leaves[0]), *leaves[:3])]
+                *OPS.aff_input_backward(torch.ones_like(leaves[0]), None, *leaves[:3]),
+                *OPS.aff_input_backward(torch.ones_like(leaves[0]), torch.ones(2, 9),
+                                        *leaves[:3])]
     for out in outs:
         assert not torch.isnan(out).any()
 
@@ -187,7 +210,9 @@ def test_aff_input_bad_input():
     with pytest.raises(ValueError, match="aff_input: a_w: expected shape"):
         OPS.aff_input(x, a_h, a_w[:, :, :2])
     with pytest.raises(ValueError, match="aff_input_backward: grad_t: expected shape"):
-        OPS.aff_input_backward(x[:1], x, a_h, a_w)
+        OPS.aff_input_backward(x[:1], None, x, a_h, a_w)
+    with pytest.raises(ValueError, match="aff_input_backward: grad_sum: expected shape"):
+        OPS.aff_input_backward(x, x[:, :, 0, 0].t(), x, a_h, a_w)
 
 
 @needs_cuda_build
@@ -202,16 +227,21 @@ def test_cuda_aff_combine_and_input(shape, local_layout, broadcast):
         inputs = expand_factors(leaves, shape)  # the op's inputs: see the CPU test
         x, a_h, a_w, local, glob = inputs
         out = OPS.aff_combine(x, a_h, a_w, in_layout(local, local_layout), glob)
-        t = OPS.aff_input(x, a_h, a_w)
+        t, t_sum = OPS.aff_input(x, a_h, a_w)
         ref_leaves = [v.detach().cpu().double().requires_grad_() for v in leaves]
         ref_inputs = expand_factors(ref_leaves, shape)
         rx, rh, rw, rl, rg = ref_inputs
         ref, ref_t = combine_reference(rx, rh, rw, rl, rg), input_reference(rx, rh, rw)
         assert rel_err(out.cpu(), ref) < CUDA_TOL[dtype], dtype
         assert rel_err(t.cpu(), ref_t) < CUDA_TOL[dtype], dtype
-        grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
-        got = torch.autograd.grad((out, t), inputs, (grad.to(out), grad.to(t)))
-        want = torch.autograd.grad((ref, ref_t), ref_inputs, (grad, grad))
+        ref_sum = ref_t.sum(dim=(2, 3))
+        assert rel_err(t_sum.cpu(), ref_sum) < CUDA_TOL[dtype], dtype
+        gen = torch.Generator().manual_seed(7)
+        grad = torch.randn(shape, dtype=torch.float64, generator=gen)
+        grad_sum = torch.randn(shape[:2], dtype=torch.float64, generator=gen)
+        got = torch.autograd.grad((out, t, t_sum), inputs,
+                                  (grad.to(out), grad.to(t), grad_sum.to(t)))
+        want = torch.autograd.grad((ref, ref_t, ref_sum), ref_inputs, (grad, grad, grad_sum))
         for name, g, w in zip(["x", "a_h", "a_w", "local_logit", "global_logit"], got, want):
             assert rel_err(g.cpu(), w) < CUDA_TOL[dtype], (dtype, name)
 

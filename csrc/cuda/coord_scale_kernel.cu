@@ -13,8 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <optional>
 
 #include "../common/aff_fuse_checks.h"
 #include "cuda_utils.cuh"
@@ -49,11 +52,14 @@ __global__ void coord_scale_backward_kernel(const scalar_t* __restrict__ grad,
                                             const scalar_t* __restrict__ a_w, scalar_t* gx,
                                             scalar_t* ga_h, scalar_t* ga_w, int64_t C, int64_t H,
                                             int64_t W, Idx4 gs, Idx4 xs, Idx4 dxs, Idx3 hs,
-                                            Idx3 ws, acc_t offset) {
+                                            Idx3 ws, acc_t offset,
+                                            const scalar_t* __restrict__ grad_sum) {
   extern __shared__ unsigned char shared_raw[];
   acc_t* col = reinterpret_cast<acc_t*>(shared_raw);  // [warps][W]
   const int64_t plane = blockIdx.x;
   const int64_t n = plane / C, c = plane % C;
+  // aff_input's plane-sum gradient, the same for every element of the plane
+  const acc_t plane_grad = grad_sum != nullptr ? static_cast<acc_t>(grad_sum[plane]) : acc_t(0);
   const int warps = blockDim.x / kWarpSize;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   acc_t* my_col = col + warp * W;
@@ -63,7 +69,8 @@ __global__ void coord_scale_backward_kernel(const scalar_t* __restrict__ grad,
     acc_t row = 0;
     for (int64_t w = lane; w < W; w += kWarpSize) {
       const acc_t aw = static_cast<acc_t>(a_w[n * ws.n + c * ws.c + w * ws.l]);
-      const acc_t g = static_cast<acc_t>(grad[n * gs.n + c * gs.c + h * gs.h + w * gs.w]);
+      const acc_t g =
+          static_cast<acc_t>(grad[n * gs.n + c * gs.c + h * gs.h + w * gs.w]) + plane_grad;
       const acc_t gxv = g * static_cast<acc_t>(x[n * xs.n + c * xs.c + h * xs.h + w * xs.w]);
       gx[n * dxs.n + c * dxs.c + h * dxs.h + w * dxs.w] =
           static_cast<scalar_t>(g * (offset + ah * aw));
@@ -122,10 +129,16 @@ at::Tensor coord_scale_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
 // 0) and aff_input_backward (offset 1); `op` and `grad_name` name them in errors.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
-    const at::Tensor& a_w, double offset, const char* op, const char* grad_name) {
+    const at::Tensor& a_w, double offset, const char* op, const char* grad_name,
+    const std::optional<at::Tensor>& grad_sum_in = std::nullopt) {
   check_coord_factors(x_in, a_h, a_w, op);
   check_cuda_dtype(x_in, op, "x");
   check_like(grad_out, x_in.sizes(), x_in, op, grad_name);
+  at::Tensor grad_sum;  // contiguous N×C, read by plane index
+  if (grad_sum_in.has_value()) {
+    check_like(*grad_sum_in, {x_in.size(0), x_in.size(1)}, x_in, op, "grad_sum");
+    grad_sum = grad_sum_in->contiguous();
+  }
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -148,7 +161,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
             a_h.const_data_ptr<scalar_t>(), a_w.const_data_ptr<scalar_t>(),
             gx.mutable_data_ptr<scalar_t>(), ga_h.mutable_data_ptr<scalar_t>(),
             ga_w.mutable_data_ptr<scalar_t>(), C, H, W, strides4(grad_out), strides4(x),
-            strides4(gx), strides3(a_h), strides3(a_w), static_cast<acc_t>(offset));
+            strides4(gx), strides3(a_h), strides3(a_w), static_cast<acc_t>(offset),
+            grad_sum.defined() ? grad_sum.const_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {gx, ga_h, ga_w};
@@ -161,21 +175,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
                                           "grad_out");
 }
 
-// aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), channel-major
-at::Tensor aff_input_cuda(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w) {
+// aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), channel-major, and its plane
+// sums. The sums are a separate ATen reduction over t here (one more read of t; the CPU
+// kernel forms them in its pass): the elementwise grid-stride kernel has no per-plane
+// owner to sum in, and this path has not been timed on a GPU yet.
+std::tuple<at::Tensor, at::Tensor> aff_input_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
+                                                  const at::Tensor& a_w) {
   check_coord_factors(x_in, a_h, a_w, "aff_input");
   check_cuda_dtype(x_in, "aff_input", "x");
   const at::Tensor x = dense_nchw_or_nhwc(x_in);
   at::Tensor t = aff_input_empty(x);
   launch_coord_scale_forward(x, a_h, a_w, t, 1.0);
-  return t;
+  return {t, t.sum({2, 3})};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cuda(
-    const at::Tensor& grad_t, const at::Tensor& x_in, const at::Tensor& a_h,
-    const at::Tensor& a_w) {
+    const at::Tensor& grad_t, const std::optional<at::Tensor>& grad_sum, const at::Tensor& x_in,
+    const at::Tensor& a_h, const at::Tensor& a_w) {
   return coord_scale_backward_with_offset(grad_t, x_in, a_h, a_w, 1.0, "aff_input_backward",
-                                          "grad_t");
+                                          "grad_t", grad_sum);
 }
 
 }  // namespace

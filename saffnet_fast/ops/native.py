@@ -76,6 +76,8 @@ NATIVE_OPS = (
     "saffnet_fast::aff_combine_backward",
     "saffnet_fast::aff_pair_combine",
     "saffnet_fast::aff_pair_combine_backward",
+    "saffnet_fast::pooled_linear",
+    "saffnet_fast::pooled_linear_backward",
 )
 
 
@@ -226,14 +228,28 @@ def _register_aff_combine() -> None:
     def _aff_input_fake(x, a_h, a_w):
         _check_nchw(x, "aff_input")
         n, c, h, w = x.shape
-        return x.new_empty((c, n, h, w)).permute(1, 0, 2, 3)  # channel-major, as the kernels
+        # t channel-major, as the kernels write it; its plane sums N×C
+        return x.new_empty((c, n, h, w)).permute(1, 0, 2, 3), x.new_empty((n, c))
 
     @torch.library.register_fake("saffnet_fast::aff_input_backward")
-    def _aff_input_backward_fake(grad_t, x, a_h, a_w):
+    def _aff_input_backward_fake(grad_t, grad_sum, x, a_h, a_w):
         n, c, h, w = x.shape
         return _aff_out_like(x), x.new_empty((n, c, h)), x.new_empty((n, c, w))
 
-    _register_backward_op_autograd("aff_input")
+    def _aff_input_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _aff_input_backward(ctx, grad_t, grad_sum):
+        # grad_sum is None when the plane sums are not used (SAWF), or t's gradient is
+        # None when only the sums are
+        x = ctx.saved_tensors[0]
+        if grad_t is None:
+            grad_t = x.new_zeros(x.shape)
+        grads = torch.ops.saffnet_fast.aff_input_backward(grad_t, grad_sum, *ctx.saved_tensors)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
+
+    torch.library.register_autograd("saffnet_fast::aff_input", _aff_input_backward,
+                                    setup_context=_aff_input_setup)
 
     @torch.library.register_fake("saffnet_fast::aff_pair_combine")
     def _aff_pair_combine_fake(x, residual, local_logit, global_logit):
@@ -246,6 +262,57 @@ def _register_aff_combine() -> None:
                 x.new_empty(global_logit.shape))
 
     _register_backward_op_autograd("aff_pair_combine")
+
+
+# ---------------------------------------------------------------------------------------
+# pooled_linear: act(BN(y·Wᵀ + b)) on pooled M×K rows, BN with the rows' batch statistics
+# ---------------------------------------------------------------------------------------
+# act codes of the op (csrc/pooled_mlp.cpp)
+_ACT_IDENTITY, _ACT_RELU, _ACT_HSWISH, _ACT_SIGMOID = 0, 1, 2, 3
+
+
+def _register_pooled_linear() -> None:
+    def _opmath(dtype: torch.dtype) -> torch.dtype:
+        return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+    @torch.library.register_fake("saffnet_fast::pooled_linear")
+    def _pooled_linear_fake(y, weight, bias, bn_weight, bn_bias, batch_norm, eps, act):
+        rows, features = y.shape[0], weight.shape[0]
+        acc = _opmath(y.dtype)
+        stats = features if batch_norm else 0
+        return (y.new_empty((rows, features)), y.new_empty((rows, features), dtype=acc),
+                y.new_empty((stats,), dtype=acc), y.new_empty((stats,), dtype=acc))
+
+    @torch.library.register_fake("saffnet_fast::pooled_linear_backward")
+    def _pooled_linear_backward_fake(grad_out, y, weight, bias, bn_weight, bn_bias, batch_norm,
+                                     eps, act, out, normalised, var):
+        features = weight.shape[0]
+        stats = features if batch_norm else 0
+        return (y.new_empty(y.shape), y.new_empty(weight.shape), y.new_empty((features,)),
+                y.new_empty((stats,)), y.new_empty((stats,)))
+
+    # autograd: registered in C++ (csrc/pooled_mlp.cpp, PooledLinearFunction), where it
+    # costs a tenth of the Python registration's overhead
+
+
+def _pooled_linear(conv: nn.Conv2d, rows: torch.Tensor, bn: nn.Module | None = None,
+                   act: int = _ACT_IDENTITY, bn_input_shape: tuple = ()) -> torch.Tensor:
+    """act(bn(conv(·))) on M×K pooled rows with one pooled_linear; ``bn`` (optional) takes
+    the rows' batch statistics and its running statistics are updated as nn.BatchNorm2d
+    does. ``bn_input_shape`` is the shape the reference's BN sees, for its error message."""
+    weight, bias = _linear(conv)
+    if bn is None:
+        return torch.ops.saffnet_fast.pooled_linear(rows, weight, bias, None, None, False, 0.0,
+                                                    act)[0]
+    _check_batch_count(bn, rows.shape[0], bn_input_shape)
+    out, _, mean, var = torch.ops.saffnet_fast.pooled_linear(
+        rows, weight, bias, bn.weight, bn.bias, True, bn.eps, act)
+    _update_running_stats(bn, mean, var, rows.shape[0])
+    return out
+
+
+def _fusable_bn(bn: nn.Module) -> bool:
+    return type(bn) is nn.BatchNorm2d and _bn_uses_batch_stats(bn)
 
 
 # ---------------------------------------------------------------------------------------
@@ -586,12 +653,41 @@ def _coord_attention_factors(ca, x: torch.Tensor):
     training, running statistics in eval)."""
     h, w = x.shape[2], x.shape[3]
     pool_h, pool_w = torch.ops.saffnet_fast.coord_pool(x)
+    if _coord_layers_fusable(ca):
+        return (pool_h,) + _coord_attention_gates_fused(ca, pool_h, pool_w)
     y = torch.cat([pool_h, pool_w], dim=2)                          # N×C×(H+W)
     y = _pooled_layers([ca.conv1, ca.bn1, ca.act], y)
     y_h, y_w = torch.split(y, [h, w], dim=2)
     a_h = _pooled_layers([ca.conv_h], y_h).sigmoid()
     a_w = _pooled_layers([ca.conv_w], y_w).sigmoid()
     return pool_h, a_h, a_w
+
+
+def _coord_layers_fusable(ca) -> bool:
+    """CA's pooled layers as three pooled_linear calls: plain 1×1 convolutions, bn1 an
+    nn.BatchNorm2d on batch statistics, the reference's h_swish."""
+    from ..nn.reference import HSwish
+
+    return (all(is_1x1_conv(conv) for conv in (ca.conv1, ca.conv_h, ca.conv_w))
+            and _fusable_bn(ca.bn1) and type(ca.act) is HSwish)
+
+
+def _coord_attention_gates_fused(ca, pool_h: torch.Tensor, pool_w: torch.Tensor):
+    """(a_h N×C×H, a_w N×C×W) from the pooled rows with three pooled_linear ops (one autograd
+    node each) instead of ~15 ATen calls: the N·H row positions, then the N·W column ones,
+    as rows of a (N·H + N·W)×C matrix, so conv1 / bn1 / h_swish is one call over all of them
+    (bn1's statistics over the same N·(H+W) values as the reference's) and conv_h / conv_w
+    each take a contiguous block of rows. a_h and a_w are transposed views (N×C×H with
+    stride C along H), which the kernels read through their strides."""
+    n, c, h = pool_h.shape
+    w = pool_w.shape[2]
+    rows = torch.cat([pool_h.transpose(1, 2).reshape(n * h, c),
+                      pool_w.transpose(1, 2).reshape(n * w, c)])
+    z = _pooled_linear(ca.conv1, rows, ca.bn1, _ACT_HSWISH,
+                       (n, ca.conv1.out_channels, h + w, 1))
+    a_h = _pooled_linear(ca.conv_h, z[:n * h], act=_ACT_SIGMOID)
+    a_w = _pooled_linear(ca.conv_w, z[n * h:], act=_ACT_SIGMOID)
+    return a_h.view(n, h, -1).transpose(1, 2), a_w.view(n, w, -1).transpose(1, 2)
 
 
 def _pooled_layers(layers, y: torch.Tensor) -> torch.Tensor:
@@ -768,8 +864,18 @@ def _use_stored_local(aff) -> bool:
 
 
 def _global_logit_modules(aff, pooled: torch.Tensor) -> torch.Tensor:
-    """AFF's global_att on the already pooled N×C mean of its xa, through the module's own
-    layers (so its BNs behave exactly as in the reference in either mode)."""
+    """AFF's global_att on the already pooled N×C mean of its xa: two pooled_linear ops
+    (conv → BN → ReLU, conv → BN; BN on the batch statistics of the N rows, running
+    statistics updated) when the branch has the official layout and its BNs are in training
+    mode, else the module's own layers (so its BNs behave exactly as in the reference)."""
+    layers = list(aff.global_att[1:])
+    if (len(layers) == 5 and is_1x1_conv(layers[0]) and _fusable_bn(layers[1])
+            and type(layers[2]) is nn.ReLU and is_1x1_conv(layers[3])
+            and _fusable_bn(layers[4])):
+        n = pooled.shape[0]
+        conv1, bn1, _, conv2, bn2 = layers
+        hidden = _pooled_linear(conv1, pooled, bn1, _ACT_RELU, (n, conv1.out_channels, 1, 1))
+        return _pooled_linear(conv2, hidden, bn2, _ACT_IDENTITY, (n, conv2.out_channels, 1, 1))
     return _pooled_layers(aff.global_att[1:], pooled[:, :, None]).flatten(1)
 
 
@@ -832,8 +938,10 @@ def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     if module.training:
         pool_h, a_h, a_w = _coord_attention_factors(module.ca, x)
         if _use_stored_local(module.aff):
-            t = torch.ops.saffnet_fast.aff_input(x, a_h, a_w)
-            global_logit = _global_logit_modules(module.aff, _plane_mean(t))
+            # t and its plane sums (the global branch's input) from one pass
+            t, t_sum = torch.ops.saffnet_fast.aff_input(x, a_h, a_w)
+            global_logit = _global_logit_modules(
+                module.aff, t_sum * (1.0 / (x.shape[2] * x.shape[3])))
             local_logit = _stored_local_att(module.aff.local_att, t)
             return torch.ops.saffnet_fast.aff_combine(x, a_h, a_w, local_logit, global_logit)
         global_logit = _global_logit_modules(module.aff, _pooled_xa(x, pool_h, a_h, a_w))
@@ -930,7 +1038,7 @@ def native_sawf(module, x: torch.Tensor) -> torch.Tensor:
         a_w = gate.new_ones(()).expand(n, c, w)
         global_logit = _global_logit_modules(module.aff, torch.addcmul(s, s, gate))
         if _use_stored_local(module.aff):
-            t = torch.ops.saffnet_fast.aff_input(x, a_h, a_w)
+            t, _ = torch.ops.saffnet_fast.aff_input(x, a_h, a_w)
             local_logit = _stored_local_att(module.aff.local_att, t)
             return torch.ops.saffnet_fast.aff_combine(x, a_h, a_w, local_logit, global_logit)
         local = _local_att_train(module.aff, x, a_h, a_w)
@@ -1017,6 +1125,7 @@ def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
 
 
 if has_native():
+    _register_pooled_linear()
     _register_coord_pool()
     _register_aff_fuse()
     _register_coord_scale()
