@@ -18,8 +18,11 @@ Two modes, as in ``../shared/spec/kernels.md``:
     branch in SCAFF / SAWF runs, by default, as GEMMs between ``aff_input`` and
     ``aff_combine`` with the module's own BN layers (``TRAINING_LOCAL_BRANCH = "stored"``);
     ``"recompute"`` (and the official AFF's ``native_aff``) take local_att's statistics from
-    ``aff_moments`` and apply them in ``aff_fuse`` / ``aff_pair``. BNs that act on pooled
-    vectors (CA's bn1, AFF's global branch) run through the module's own layers.
+    ``aff_moments`` and apply them in ``aff_fuse`` / ``aff_pair``. The layers on pooled
+    vectors (CA's conv1 / bn1 / h_swish and conv_h / conv_w, AFF's global branch) run as
+    ``pooled_linear`` ops (BN on the batch statistics of the pooled rows, running
+    statistics updated here), or through the module's own layers when a BN there is not a
+    training-mode nn.BatchNorm2d.
 
 The entry points ``native_*`` take a reference module (``saffnet_fast.nn.reference``) and
 its input and compute the module's output with the native kernels. Parameters enter the
@@ -928,10 +931,10 @@ def native_scaff(module, x: torch.Tensor) -> torch.Tensor:
     (read x, write t = x·(1 + a_h·a_w) channel-major), local_att as GEMMs and the module's own
     BN / ReLU layers on t (its activations kept for backward, as the reference keeps them),
     aff_combine (read x and the local logits, write out); the global branch's input is
-    mean_hw(t). "recompute": the inference passes plus two aff_moments passes (read x each)
-    for the batch statistics of local_att's two BNs, which aff_fuse then applies; 5 reads +
-    1 write and no stored activation. Either way CA's bn1 and the global branch's BNs act
-    on pooled vectors and run through the module's layers.
+    t's plane sums / (H·W), from aff_input's pass. "recompute": the inference passes plus
+    two aff_moments passes (read x each) for the batch statistics of local_att's two BNs,
+    which aff_fuse then applies; 5 reads + 1 write and no stored activation. Either way CA's pooled layers and the global branch
+    run as pooled_linear ops (_coord_attention_factors, _global_logit_modules).
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
@@ -970,7 +973,7 @@ def native_aff(module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     once, 1 write). "recompute": local_att's two BNs take their batch statistics with
     aff_moments on xa = x + residual with zero factors (t = xa; one write and two reads of
     xa, the only full-size intermediate), and aff_pair applies them. Either way the global
-    branch's BNs act on pooled vectors and run through the module's layers.
+    branch runs as two pooled_linear ops (_global_logit_modules).
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
@@ -1024,7 +1027,7 @@ def native_sawf(module, x: torch.Tensor) -> torch.Tensor:
     SE+'s gate depends on x only through s = mean_hw(x), and AFF's global input is
     mean_hw(x·(1 + gate)) = s·(1 + gate): passes over the tensor are x.mean (read x) and
     aff_fuse (read x, write out), with m = gate broadcast (a_h = gate over H, a_w = 1).
-    Training: SE+ has no BN, and the global branch's BNs run through the module's layers;
+    Training: SE+ has no BN, and the global branch runs as two pooled_linear ops;
     local_att runs as in native_scaff (TRAINING_LOCAL_BRANCH: aff_input, GEMMs and the
     module's layers, aff_combine; or two aff_moments passes and aff_fuse).
     """
