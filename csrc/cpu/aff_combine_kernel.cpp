@@ -148,21 +148,7 @@ void aff_combine_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
                                                     op + n * os.n + c * os.c, DS, DMW.data(),
                                                     DMH.data());
         grad_local_plane.commit(dlp, n, c, DSbuf);
-        std::fill(col.begin(), col.end(), 0.0);
-        for (int64_t h = 0; h < H; ++h) {
-          const acc_t* dmw = DMW.data() + h * W;
-          const acc_t* dmh = DMH.data() + h * W;
-          double r0 = 0, r1 = 0;  // two chains: rows are short (W = 12, 24)
-          int64_t w = 0;
-          for (; w + 1 < W; w += 2) {
-            r0 += dmw[w];
-            r1 += dmw[w + 1];
-          }
-          if (w < W) r0 += dmw[w];
-          dahp[plane * H + h] = static_cast<scalar_t>(r0 + r1);
-          for (w = 0; w < W; ++w) col[w] += dmh[w];
-        }
-        for (int64_t w = 0; w < W; ++w) dawp[plane * W + w] = static_cast<scalar_t>(col[w]);
+        plane_factor_sums(DMW.data(), DMH.data(), H, W, col, dahp + plane * H, dawp + plane * W);
         dgp[plane] = static_cast<scalar_t>(plane_sum);
       }
     });

@@ -16,51 +16,12 @@
 #include <vector>
 
 #include "../common/attention_math.h"
+#include "plane_access.h"
 #include "tile_gemm.h"
 #include "tile_loops.h"
 #include "vec_math.h"
 
 namespace saffnet_fast {
-
-// Strides of an N×C×H×W tensor and of the factor tensors, read once.
-struct Strides4 {
-  int64_t n, c, h, w;
-  explicit Strides4(const at::Tensor& t)
-      : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
-  int64_t at(int64_t in, int64_t ic, int64_t ih, int64_t iw) const {
-    return in * n + ic * c + ih * h + iw * w;
-  }
-};
-struct Strides3 {
-  int64_t n, c, l;
-  explicit Strides3(const at::Tensor& t) : n(t.stride(0)), c(t.stride(1)), l(t.stride(2)) {}
-};
-
-// A view of one (n, c) plane of an N×C×H×W tensor: read in place when its H·W values are
-// dense, else gathered into (or, for outputs, written through) `buffer`.
-template <typename T>
-struct PlaneAccess {
-  const Strides4 s;
-  const int64_t H, W;
-  explicit PlaneAccess(const at::Tensor& t) : s(t), H(t.size(2)), W(t.size(3)) {}
-  bool dense() const { return s.w == 1 && s.h == W; }
-  const T* read(const T* base, int64_t n, int64_t c, std::vector<T>& buffer) const {
-    const T* p = base + n * s.n + c * s.c;
-    if (dense()) return p;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) buffer[h * W + w] = p[h * s.h + w * s.w];
-    return buffer.data();
-  }
-  T* target(T* base, int64_t n, int64_t c, std::vector<T>& buffer) const {
-    return dense() ? base + n * s.n + c * s.c : buffer.data();
-  }
-  void commit(T* base, int64_t n, int64_t c, const std::vector<T>& buffer) const {
-    if (dense()) return;
-    T* p = base + n * s.n + c * s.c;
-    for (int64_t h = 0; h < H; ++h)
-      for (int64_t w = 0; w < W; ++w) p[h * s.h + w * s.w] = buffer[h * W + w];
-  }
-};
 
 template <typename acc_t, typename scalar_t>
 std::vector<acc_t> to_acc(const at::Tensor& t) {

@@ -19,6 +19,7 @@
 
 #include "../common/aff_fuse_checks.h"
 #include "../common/macros.h"
+#include "plane_access.h"
 
 namespace saffnet_fast {
 namespace {
@@ -74,10 +75,6 @@ SAFFNET_SCALE_PLANE_CLONES(float)
 SAFFNET_SCALE_PLANE_CLONES(double)
 #undef SAFFNET_SCALE_PLANE_CLONES
 
-bool dense_planes(const at::Tensor& t) {
-  return t.stride(3) == 1 && t.stride(2) == t.size(3);
-}
-
 // One kernel for forward (grad == nullptr: out = x·(offset + a_h·a_w), and the plane sums
 // Σ_hw out into `sums` when given) and backward (out = grad_x = g·(offset + a_h·a_w) with
 // g = grad + grad_sum[n, c] (grad_sum optional: the gradient of the plane sums), and the
@@ -112,7 +109,8 @@ void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
   auto plane_grad = [&](int64_t plane) { return gsp ? static_cast<acc_t>(gsp[plane]) : acc_t(0); };
 
   const bool channel_innermost = C > 1 && xc == 1;
-  const bool dense = dense_planes(x) && dense_planes(out) && (grad == nullptr || dense_planes(*grad));
+  const bool dense = PlaneAccess<scalar_t>(x).dense() && PlaneAccess<scalar_t>(out).dense() &&
+                     (grad == nullptr || PlaneAccess<scalar_t>(*grad).dense());
   if (!channel_innermost && dense) {
     using math_t = scalar_t;  // float math for float32 (see scale_plane_body)
     const int64_t count = H * W;
@@ -144,21 +142,7 @@ void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
         scale_grad_plane(gp + n * gn + c * gc, static_cast<math_t>(plane_grad(plane)), X,
                          AH.data(), AW.data(), static_cast<math_t>(offset), count, O,
                          DMW.data(), DMH.data());
-        std::fill(col.begin(), col.end(), 0.0);
-        for (int64_t h = 0; h < H; ++h) {
-          const math_t* dmw = DMW.data() + h * W;
-          const math_t* dmh = DMH.data() + h * W;
-          double r0 = 0, r1 = 0;  // two chains: rows are short
-          int64_t w = 0;
-          for (; w + 1 < W; w += 2) {
-            r0 += dmw[w];
-            r1 += dmw[w + 1];
-          }
-          if (w < W) r0 += dmw[w];
-          gahp[plane * H + h] = static_cast<scalar_t>(r0 + r1);
-          for (w = 0; w < W; ++w) col[w] += dmh[w];
-        }
-        for (int64_t w = 0; w < W; ++w) gawp[plane * W + w] = static_cast<scalar_t>(col[w]);
+        plane_factor_sums(DMW.data(), DMH.data(), H, W, col, gahp + plane * H, gawp + plane * W);
       }
     });
     return;

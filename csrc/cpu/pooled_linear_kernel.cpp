@@ -18,12 +18,22 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "../common/pooled_linear.h"
 
 namespace saffnet_fast {
 namespace {
+
+// BN's γ or β as F values, `fill` (1 or 0) where the BN has no affine parameters
+template <typename scalar_t>
+std::vector<scalar_t> affine_values(const std::optional<at::Tensor>& t, int64_t F,
+                                    scalar_t fill) {
+  if (!t.has_value()) return std::vector<scalar_t>(F, fill);
+  const at::Tensor c = t->contiguous();
+  return std::vector<scalar_t>(c.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>() + F);
+}
 
 template <typename scalar_t>
 scalar_t activate(scalar_t p, int64_t act) {
@@ -79,7 +89,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_linear_cpu(
     std::vector<double> sum(F, 0.0), sq(F, 0.0);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t f = 0; f < F; ++f) sum[f] += zp[m * F + f];
-    std::vector<scalar_t> mu(F), invstd(F), gamma(F, scalar_t(1)), beta(F, scalar_t(0));
+    std::vector<scalar_t> mu(F), invstd(F);
+    const auto gamma = affine_values<scalar_t>(bn_weight, F, 1);
+    const auto beta = affine_values<scalar_t>(bn_bias, F, 0);
     for (int64_t f = 0; f < F; ++f) mu[f] = static_cast<scalar_t>(sum[f] / M);
     for (int64_t m = 0; m < M; ++m)
       for (int64_t f = 0; f < F; ++f) {
@@ -92,14 +104,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_linear_cpu(
       mp[f] = mu[f];
       vp[f] = static_cast<scalar_t>(sq[f] / M);
       invstd[f] = static_cast<scalar_t>(1.0 / std::sqrt(sq[f] / M + eps));
-    }
-    if (bn_weight.has_value()) {
-      const at::Tensor g = bn_weight->contiguous();
-      std::copy_n(g.const_data_ptr<scalar_t>(), F, gamma.begin());
-    }
-    if (bn_bias.has_value()) {
-      const at::Tensor b = bn_bias->contiguous();
-      std::copy_n(b.const_data_ptr<scalar_t>(), F, beta.begin());
     }
     scalar_t* np_ = normalised.mutable_data_ptr<scalar_t>();
     for (int64_t m = 0; m < M; ++m)
@@ -137,15 +141,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_li
     const scalar_t* outp = out.const_data_ptr<scalar_t>();
     const scalar_t* np_ = normalised.const_data_ptr<scalar_t>();
     scalar_t* gz = g_z.mutable_data_ptr<scalar_t>();
-    std::vector<scalar_t> gamma(F, scalar_t(1)), beta(F, scalar_t(0));
-    if (bn_weight.has_value()) {
-      const at::Tensor t = bn_weight->contiguous();
-      std::copy_n(t.const_data_ptr<scalar_t>(), F, gamma.begin());
-    }
-    if (bn_bias.has_value()) {
-      const at::Tensor t = bn_bias->contiguous();
-      std::copy_n(t.const_data_ptr<scalar_t>(), F, beta.begin());
-    }
+    const auto gamma = affine_values<scalar_t>(bn_weight, F, 1);
+    const auto beta = affine_values<scalar_t>(bn_bias, F, 0);
     // the activation's gradient (g_pre, kept in g_z), and for BN the column sums
     // Σ g_pre (grad_β) and Σ g_pre·x̂ (grad_γ)
     std::vector<double> sum_g(F, 0.0), sum_gx(F, 0.0);
