@@ -29,11 +29,6 @@
 namespace saffnet_fast {
 namespace {
 
-at::ScalarType opmath_dtype(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return (s == at::kHalf || s == at::kBFloat16) ? at::kFloat : s;
-}
-
 at::Tensor apply_act(const at::Tensor& pre, int64_t act) {
   switch (act) {
     case kRelu:
@@ -54,7 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_linear(
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     bool batch_norm, double eps, int64_t act) {
   check_pooled_linear(y, weight, bias, bn_weight, bn_bias, batch_norm, act, "pooled_linear");
-  const auto acc = opmath_dtype(y);
+  const auto acc = pooled_opmath_dtype(y);
   at::Tensor z = bias.has_value() ? at::addmm(bias.value(), y, weight.t()) : at::mm(y, weight.t());
   z = z.to(acc);
   at::Tensor mean, var, normalised, pre;
@@ -78,11 +73,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_li
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, bool batch_norm, double eps, int64_t act,
     const at::Tensor& out, const at::Tensor& normalised, const at::Tensor& var) {
-  const char* op = "pooled_linear_backward";
-  check_pooled_linear(y, weight, bias, bn_weight, bn_bias, batch_norm, act, op);
-  const int64_t M = y.size(0), F = weight.size(0);
-  check_like(grad_out, {M, F}, y, op, "grad_out");
-  const auto acc = opmath_dtype(y);
+  check_pooled_linear_backward(grad_out, y, weight, bias, bn_weight, bn_bias, batch_norm, act,
+                               out, normalised, var, "pooled_linear_backward");
+  const auto acc = pooled_opmath_dtype(y);
   const at::Tensor g = grad_out.to(acc);
   const at::Tensor gamma = bn_weight.has_value() ? bn_weight->to(acc) : at::Tensor();
   // the pre-activation, from the saved normalised values (h_swish needs it; the others

@@ -1,6 +1,8 @@
 """Shared by the parity tests: the error measure of spec/kernels.md."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -22,3 +24,18 @@ def randomize_batchnorm(module: torch.nn.Module, seed: int = 0) -> torch.nn.Modu
             m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
             m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
     return module
+
+
+@contextlib.contextmanager
+def nan_filled_empty(device="cpu"):
+    """Deterministic fill: every new tensor starts as NaN, so a value a kernel skips shows."""
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(4, device=device)).all()  # the poison is on
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0])
+        torch.utils.deterministic.fill_uninitialized_memory = prev[1]

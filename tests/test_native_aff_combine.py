@@ -5,14 +5,12 @@ aff_pair_combine (the official AFF(x, residual) from given logits), each forward
 backward against ATen formulas, across dtypes, layouts and odd shapes."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from saffnet_fast import has_native
 
-from parity_utils import rel_err
+from parity_utils import nan_filled_empty, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
@@ -161,21 +159,6 @@ def test_gradcheck_and_opcheck():
                           (grad_t, grad_sum, *[v.detach() for v in leaves[:3]]))
     torch.library.opcheck(OPS.aff_input_backward.default,
                           (grad_t, None, *[v.detach() for v in leaves[:3]]))
-
-
-@contextlib.contextmanager
-def nan_filled_empty():
-    """Deterministic fill: every new tensor starts as NaN, so a value a kernel skips shows."""
-    prev = (torch.are_deterministic_algorithms_enabled(),
-            torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        assert torch.isnan(torch.empty(4)).all()  # the poison is on
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0])
-        torch.utils.deterministic.fill_uninitialized_memory = prev[1]
 
 
 def test_outputs_are_fully_written():

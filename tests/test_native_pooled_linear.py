@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from saffnet_fast import has_native
 
-from parity_utils import rel_err
+from parity_utils import nan_filled_empty, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
@@ -165,8 +165,6 @@ def test_only_out_is_differentiable():
 
 
 def test_outputs_are_fully_written():
-    from test_native_aff_combine import nan_filled_empty
-
     args = [None if a is None else a.detach() for a in make_args((13, 7, 5), torch.float32)]
     with nan_filled_empty():
         outs = list(OPS.pooled_linear(*args, True, 1e-5, 2))
@@ -199,6 +197,18 @@ def test_pooled_linear_bad_input(call, exc, words):
     args = [a.detach() for a in make_args((6, 7, 3), torch.float64)]
     with pytest.raises(exc, match=words):
         call(*args)
+
+
+def test_pooled_linear_backward_bad_saved_values():
+    args = [a.detach() for a in make_args((6, 7, 3), torch.float64)]
+    out, normalised, _, var = OPS.pooled_linear(*args, True, 1e-5, 0)
+    grad = torch.ones_like(out)
+    with pytest.raises(ValueError, match="pooled_linear_backward: normalised: expected shape"):
+        OPS.pooled_linear_backward(grad, *args, True, 1e-5, 0, out, normalised[:-1], var)
+    with pytest.raises(ValueError, match="pooled_linear_backward: var: expected shape"):
+        OPS.pooled_linear_backward(grad, *args, True, 1e-5, 0, out, normalised, var[:0])
+    with pytest.raises(TypeError, match="pooled_linear_backward: out: expected dtype"):
+        OPS.pooled_linear_backward(grad, *args, True, 1e-5, 0, out.float(), normalised, var)
 
 
 @needs_cuda_build

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from parity_utils import rel_err as _rel
+from parity_utils import nan_filled_empty, rel_err as _rel
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -239,14 +239,8 @@ def nan_filled_allocations():
     """Every torch.empty* allocation NaN-filled (deterministic mode's
     fill_uninitialized_memory): a buffer or output element a kernel misses stays NaN and
     spreads into the compared tensors."""
-    previous = (torch.are_deterministic_algorithms_enabled(),
-                torch.utils.deterministic.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    assert torch.isnan(torch.empty(4, device=DEVICE)).all()
-    yield
-    torch.use_deterministic_algorithms(previous[0])
-    torch.utils.deterministic.fill_uninitialized_memory = previous[1]
+    with nan_filled_empty(DEVICE):
+        yield
 
 
 def test_kernels_write_every_output_element():

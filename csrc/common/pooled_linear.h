@@ -62,4 +62,38 @@ inline void check_pooled_linear(const at::Tensor& y, const at::Tensor& weight,
   }
 }
 
+// The dtype the statistics and activation are computed in (and normalised / mean / var are
+// returned in): float32 for half and bfloat16 inputs, else the input's.
+inline at::ScalarType pooled_opmath_dtype(const at::Tensor& y) {
+  const auto s = y.scalar_type();
+  return (s == at::kHalf || s == at::kBFloat16) ? at::kFloat : s;
+}
+
+// pooled_linear_backward's arguments: those of the forward, grad_out and out M×F in y's dtype,
+// the saved normalised values M×F and var (F, or empty without BN) in the opmath dtype.
+inline void check_pooled_linear_backward(const at::Tensor& grad_out, const at::Tensor& y,
+                                         const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& bn_weight,
+                                         const std::optional<at::Tensor>& bn_bias,
+                                         bool batch_norm, int64_t act, const at::Tensor& out,
+                                         const at::Tensor& normalised, const at::Tensor& var,
+                                         const char* op) {
+  check_pooled_linear(y, weight, bias, bn_weight, bn_bias, batch_norm, act, op);
+  const int64_t M = y.size(0), F = weight.size(0);
+  check_like(grad_out, {M, F}, y, op, "grad_out");
+  check_like(out, {M, F}, y, op, "out");
+  const auto acc = pooled_opmath_dtype(y);
+  auto check_saved = [&](const at::Tensor& t, at::IntArrayRef sizes, const char* name) {
+    TORCH_CHECK_VALUE(t.sizes() == sizes, op, ": ", name, ": expected shape ", sizes, ", got ",
+                      t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == acc, op, ": ", name, ": expected dtype ", acc,
+                     ", got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == y.device(), op, ": ", name, ": expected device ",
+                      y.device(), " (the device of y), got ", t.device());
+  };
+  check_saved(normalised, {M, F}, "normalised");
+  check_saved(var, {batch_norm ? F : 0}, "var");
+}
+
 }  // namespace saffnet_fast

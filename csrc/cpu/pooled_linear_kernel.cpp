@@ -123,13 +123,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> pooled_li
     const std::optional<at::Tensor>& bn_bias, bool batch_norm, double eps, int64_t act,
     const at::Tensor& out_in, const at::Tensor& normalised_in, const at::Tensor& var_in) {
   const char* op = "pooled_linear_backward";
-  check_pooled_linear(y_in, weight, bias, bn_weight, bn_bias, batch_norm, act, op);
+  check_pooled_linear_backward(grad_out_in, y_in, weight, bias, bn_weight, bn_bias, batch_norm,
+                               act, out_in, normalised_in, var_in, op);
   check_cpu_dtype(y_in, op, "y");
   const int64_t M = y_in.size(0), F = weight.size(0);
-  check_like(grad_out_in, {M, F}, y_in, op, "grad_out");
-  check_like(out_in, {M, F}, y_in, op, "out");
-  check_like(normalised_in, {M, F}, y_in, op, "normalised");
-  check_like(var_in, {batch_norm ? F : 0}, y_in, op, "var");
   const at::Tensor y = y_in.contiguous(), g = grad_out_in.contiguous();
   const at::Tensor out = out_in.contiguous(), normalised = normalised_in.contiguous();
   at::Tensor g_z = at::empty({M, F}, y.options());
