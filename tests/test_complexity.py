@@ -125,4 +125,4 @@ def test_cli_table_and_other_sizes(capsys):
     saffnet_line = next(line for line in out.splitlines() if line.split()[1:2] == ["SAFFNet"])
     assert "9.40" in saffnet_line            # the paper's test-dev figure is shown beside it
     assert cli_main.main(["complexity", "--input", "256by192"]) == 2
-    assert "--input" in capsys.readouterr().out
+    assert "--input" in capsys.readouterr().err

@@ -5,6 +5,7 @@ Counting follows HRNet's ``get_model_summary`` (see :mod:`saffnet_fast.models.co
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import warnings
@@ -16,14 +17,20 @@ _SHORT = {"scbottle": "SCB", "safuse": "SAF", "satransition": "SAT", "sastem": "
 
 
 def parse_size(text: str):
+    """``HxW`` with positive multiples of 32 (HRNet-W32's lowest branch is 1/32 of the input)."""
     match = _SIZE.match(text or "")
     if not match:
-        raise ValueError(f"--input: expected HEIGHTxWIDTH such as 256x192, got {text!r}")
-    return int(match.group(1)), int(match.group(2))
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 256x192, got {text!r}")
+    size = int(match.group(1)), int(match.group(2))
+    if min(size) < 32 or size[0] % 32 or size[1] % 32:
+        raise argparse.ArgumentTypeError(
+            f"expected a height and width that are positive multiples of 32 (HRNet-W32's lowest "
+            f"branch is 1/32 of the input), got {text!r}")
+    return size
 
 
 def add_arguments(parser):
-    parser.add_argument("--input", default="256x192", metavar="HxW",
+    parser.add_argument("--input", default="256x192", metavar="HxW", type=parse_size,
                         help="input height x width (default 256x192; the paper also reports "
                              "SAFFNet at 256x256 and 384x288)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -87,16 +94,7 @@ def format_table(rows) -> str:
 
 
 def run(args) -> int:
-    try:
-        size = parse_size(args.input)
-    except ValueError as err:
-        print(f"saffnet complexity: {err}")
-        return 2
-    if size[0] % 32 or size[1] % 32:
-        print(f"saffnet complexity: --input: height and width must be multiples of 32 "
-              f"(HRNet-W32's lowest branch is 1/32 of the input), got {args.input}")
-        return 2
-    rows = collect(size)
+    rows = collect(args.input)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -8,7 +8,8 @@ import os
 import numpy as np
 
 from .dataset_info import DatasetInfo, build_dataset_info
-from .topdown import AugmentConfig, MissingFileError, PersonRecord, TopDownDataset, read_json
+from .topdown import (AugmentConfig, MissingFileError, PersonRecord, TopDownDataset, parse_box,
+                       read_json)
 from .transforms import box_to_center_scale
 
 
@@ -79,6 +80,13 @@ def load_detections(detection_file: str) -> list[dict]:
     if not isinstance(detections, list):
         raise ValueError(f"person detection file {detection_file}: expected a JSON list of "
                          "{image_id, category_id, bbox, score} entries")
+    for i, det in enumerate(detections):
+        where = f"person detection file {detection_file}: entry {i}"
+        if not isinstance(det, dict) or not {"image_id", "bbox", "score"} <= det.keys():
+            raise ValueError(f"{where}: expected {{image_id, category_id, bbox, score}}, got "
+                             f"{det!r:.80}")
+        # Zero-size boxes pass: detectors emit a few, and HRNet's loader keeps them.
+        parse_box(det["bbox"], where, det["score"], positive=False)
     return detections
 
 

@@ -8,6 +8,7 @@ data-loader workers (see :class:`saffnet_fast.data.sampler.ResumableSampler`).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -58,6 +59,28 @@ def read_json(path: str, what: str):
             return json.load(handle)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MissingFileError(f"{what} is unreadable ({exc}): {path}") from exc
+
+
+def parse_box(value, where: str, score=None, positive: bool = True) -> list[float]:
+    """A person box ``[x, y, w, h]`` or ``[x, y, w, h, score]`` (or ``[x, y, w, h]`` and
+    ``score`` apart) as floats, finite and, when ``positive``, with a positive width and
+    height; anything else raises ValueError starting with ``where`` (the file and entry)."""
+    try:
+        box = [float(v) for v in value] + ([] if score is None else [float(score)])
+    except (TypeError, ValueError):
+        box = []
+    if len(box) not in ((4, 5) if score is None else (5,)):
+        expected = ("[x, y, w, h] or [x, y, w, h, score] numbers" if score is None
+                    else "a bbox of 4 numbers [x, y, w, h] and a numeric score")
+        raise ValueError(f"{where}: expected {expected}, got {value!r:.80}"
+                         + ("" if score is None else f" and score {score!r}"))
+    if not all(math.isfinite(v) for v in box):
+        raise ValueError(f"{where}: expected finite numbers, got {value!r:.80}"
+                         + ("" if score is None else f" with score {score!r}"))
+    if positive and (box[2] <= 0 or box[3] <= 0):
+        raise ValueError(f"{where}: expected a positive width and height, got w={box[2]:g}, "
+                         f"h={box[3]:g}")
+    return box
 
 
 def read_image_rgb(path: str) -> np.ndarray:
