@@ -113,3 +113,76 @@ def test_flip_test_with_shift_is_symmetric_and_accurate():
         assert torch.allclose(mirrored, plain.flip(3), atol=1e-6)
     assert max(errs_shift) < 1.0  # input pixels
     assert np.mean(errs_shift) < np.mean(errs_plain)
+
+
+@needs_coco
+@pytest.mark.parametrize("field, value", [("keypoints", float("nan")),
+                                          ("keypoints", float("inf")),
+                                          ("score", float("nan"))])
+def test_eval_keypoints_refuses_non_finite_results_naming_the_index(tmp_path, capsys, field,
+                                                                     value):
+    gt = COCO / "person_keypoints_sample.json"
+    results = _gt_as_results(gt)
+    if field == "keypoints":
+        results[3]["keypoints"] = [value] * len(results[3]["keypoints"])
+    else:
+        results[3]["score"] = value
+    path = tmp_path / "res.json"
+    path.write_text(json.dumps(results))  # Python writes NaN / Infinity; json.load reads them
+    assert main(["eval-keypoints", "--gt", str(gt), "--results", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"saffnet eval-keypoints: results[3] (image_id "
+                          f"{results[3]['image_id']}): expected finite keypoints and score")
+    assert err.count("\n") == 1
+
+
+@needs_coco
+def test_all_nan_results_never_score_perfect():
+    results = _gt_as_results(COCO / "person_keypoints_sample.json")
+    for r in results:
+        r["keypoints"] = [float("nan")] * len(r["keypoints"])
+    with pytest.raises(ValueError, match=r"results\[0\]"):
+        coco_keypoint_eval(str(COCO / "person_keypoints_sample.json"), results)
+
+
+@needs_coco
+@pytest.mark.parametrize("change, needle", [
+    (lambda gt: gt.pop("annotations"), "expected the COCO key 'annotations'"),
+    (lambda gt: [a.update(num_keypoints=0) for a in gt["annotations"]],
+     "expected at least one non-crowd annotation with labelled keypoints"),
+    (lambda gt: [a.update(category_id=2) for a in gt["annotations"]],
+     "expected at least one non-crowd annotation with labelled keypoints in category [1]"),
+])
+def test_eval_keypoints_refuses_ground_truth_without_annotations(tmp_path, capsys, change,
+                                                                 needle):
+    gt = json.loads((COCO / "person_keypoints_sample.json").read_text())
+    results = _gt_as_results(COCO / "person_keypoints_sample.json")
+    change(gt)
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    assert main(["eval-keypoints", "--gt", str(tmp_path / "gt.json"), "--results",
+                 str(tmp_path / "res.json")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1
+
+
+@needs_coco
+@pytest.mark.parametrize("bad", [0.0, -0.05, float("nan"), float("inf")])
+def test_sigmas_must_be_positive_and_finite(bad):
+    sigmas = list(COCO_SIGMAS)
+    sigmas[4] = bad
+    gt = str(COCO / "person_keypoints_sample.json")
+    with pytest.raises(ValueError, match="sigmas: expected positive finite values, got .* at "
+                                         "index 4"):
+        coco_keypoint_eval(gt, _gt_as_results(gt), sigmas=sigmas)
+
+
+@needs_coco
+def test_results_for_images_outside_the_ground_truth_are_named(tmp_path, capsys):
+    gt = COCO / "person_keypoints_sample.json"
+    results = _gt_as_results(gt)
+    results[2]["image_id"] = 999999
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    assert main(["eval-keypoints", "--gt", str(gt), "--results", str(tmp_path / "res.json")]) == 2
+    assert "results[2]: image_id 999999 is not an image of the ground truth" in \
+        capsys.readouterr().err

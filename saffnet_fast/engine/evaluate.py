@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from collections import defaultdict
 from typing import Any, Sequence
@@ -34,24 +35,123 @@ def _load_json(path: str, what: str):
     return read_json(path, what)
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays made plain and every non-finite float replaced
+    by None: JSON has no NaN or infinity (write with ``json.dump(..., allow_nan=False)``)."""
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+# What pycocotools' keypoint COCOeval reads from every ground-truth annotation.
+_GT_ANNOTATION_KEYS = ("id", "image_id", "category_id", "keypoints", "num_keypoints", "area",
+                       "bbox", "iscrowd")
+_RESULT_KEYS = ("image_id", "category_id", "keypoints", "score")
+
+
+def check_sigmas(sigmas, num_joints: int | None) -> np.ndarray:
+    """OKS sigmas as a float64 vector: one positive finite value per keypoint."""
+    values = np.asarray(sigmas, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"sigmas: expected one OKS sigma per keypoint, got shape {values.shape}")
+    bad = ~np.isfinite(values) | (values <= 0)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"sigmas: expected positive finite values, got {values[i]!r} at "
+                         f"index {i}")
+    if num_joints is not None and values.size != num_joints:
+        raise ValueError(f"sigmas: expected {num_joints} values (one per keypoint of the "
+                         f"ground truth), got {values.size}")
+    return values
+
+
+def _check_ground_truth(gt: Any) -> tuple[set, set, int | None]:
+    """(image ids, keypoint category ids, keypoints per person) of a COCO keypoints
+    annotation dict, refusing one COCOeval would score as all −1 or fail on."""
+    if not isinstance(gt, dict):
+        raise ValueError(f"ground truth: expected a COCO annotation object, got "
+                         f"{type(gt).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(gt.get(key), list):
+            raise ValueError(f"ground truth: expected the COCO key {key!r} holding a list (a "
+                             f"keypoints annotation file has images, annotations and "
+                             f"categories), got "
+                             f"{'no such key' if key not in gt else type(gt[key]).__name__}")
+    categories = [c for c in gt["categories"] if isinstance(c, dict) and c.get("keypoints")]
+    if not categories:
+        raise ValueError("ground truth: expected a category with a 'keypoints' list, got none")
+    category_ids = {c.get("id") for c in categories}
+    num_joints = len(categories[0]["keypoints"])
+    image_ids = {image.get("id") for image in gt["images"] if isinstance(image, dict)}
+    labelled = 0
+    for i, ann in enumerate(gt["annotations"]):
+        missing = [k for k in _GT_ANNOTATION_KEYS if not isinstance(ann, dict) or k not in ann]
+        if missing:
+            raise ValueError(f"ground truth annotations[{i}]: expected the keys "
+                             f"{', '.join(_GT_ANNOTATION_KEYS)}; missing {', '.join(missing)}")
+        if (ann["category_id"] in category_ids and not ann["iscrowd"]
+                and ann["num_keypoints"] > 0):
+            labelled += 1
+    if labelled == 0:
+        raise ValueError(f"ground truth: expected at least one non-crowd annotation with "
+                         f"labelled keypoints in category {sorted(category_ids)}, got none "
+                         f"({len(gt['annotations'])} annotations); nothing to evaluate against")
+    return image_ids, category_ids, num_joints
+
+
+def _check_results(results: Any, image_ids: set, category_ids: set, num_values: int) -> None:
+    if not isinstance(results, list):
+        raise ValueError(f"results: expected a JSON list of {{image_id, category_id, keypoints, "
+                         f"score}} entries, got {type(results).__name__}")
+    for i, r in enumerate(results):
+        missing = [k for k in _RESULT_KEYS if not isinstance(r, dict) or k not in r]
+        if missing:
+            raise ValueError(f"results[{i}]: expected the keys {', '.join(_RESULT_KEYS)}; "
+                             f"missing {', '.join(missing)}")
+        try:
+            keypoints = np.asarray(r["keypoints"], dtype=np.float64).reshape(-1)
+            score = float(r["score"])
+        except (TypeError, ValueError):
+            raise ValueError(f"results[{i}]: expected numbers in 'keypoints' and 'score', got "
+                             f"{r['keypoints']!r:.80} and {r['score']!r}") from None
+        if keypoints.size != num_values:
+            raise ValueError(f"results[{i}]: expected {num_values} keypoint values, got "
+                             f"{keypoints.size}")
+        if not (np.isfinite(keypoints).all() and math.isfinite(score)):
+            raise ValueError(f"results[{i}] (image_id {r['image_id']}): expected finite "
+                             f"keypoints and score, got NaN or infinity (a model with "
+                             f"non-finite outputs cannot be scored)")
+        if r["image_id"] not in image_ids:
+            raise ValueError(f"results[{i}]: image_id {r['image_id']!r} is not an image of "
+                             f"the ground truth")
+        if r["category_id"] not in category_ids:
+            raise ValueError(f"results[{i}]: expected category_id in {sorted(category_ids)} "
+                             f"(the ground truth's keypoint categories), got "
+                             f"{r['category_id']!r}")
+
+
 def coco_keypoint_eval(ground_truth: str | dict, results: str | list[dict],
                        sigmas: Sequence[float] | None = None, verbose: bool = False
                        ) -> dict[str, float]:
     """The ten COCO keypoint statistics of ``results`` (list or JSON file in the COCO results
     format) against ``ground_truth`` (annotation file or dict). ``sigmas`` default to the
-    COCO ones when the category has 17 keypoints."""
+    COCO ones when the category has 17 keypoints.
+
+    Ground truth without labelled annotations, results with NaN or infinite values, and
+    non-positive sigmas raise ValueError: COCOeval would report -1 or a perfect score."""
     COCO, COCOeval, _backend = _coco_classes()
     gt_dict = _load_json(ground_truth, "ground-truth annotation file") if isinstance(
         ground_truth, str) else ground_truth
     res_list = _load_json(results, "keypoint results file") if isinstance(results, str) else results
-    if not isinstance(res_list, list):
-        raise ValueError("results: expected a JSON list of {image_id, category_id, keypoints, "
-                         "score} entries")
-    num_joints = None
-    for cat in gt_dict.get("categories", []):
-        if cat.get("keypoints"):
-            num_joints = len(cat["keypoints"])
-            break
+    image_ids, category_ids, num_joints = _check_ground_truth(gt_dict)
     if sigmas is None:
         if num_joints != 17:
             raise ValueError(f"sigmas: the ground truth has {num_joints} keypoints; pass one OKS "
@@ -59,15 +159,10 @@ def coco_keypoint_eval(ground_truth: str | dict, results: str | list[dict],
         from ..data.dataset_info import COCO_SIGMAS
 
         sigmas = COCO_SIGMAS
-    sigmas = np.asarray(sigmas, dtype=np.float64)
-    if num_joints is not None and len(sigmas) != num_joints:
-        raise ValueError(f"sigmas: expected {num_joints} values, got {len(sigmas)}")
+    sigmas = check_sigmas(sigmas, num_joints)
+    _check_results(res_list, image_ids, category_ids, len(sigmas) * 3)
     if not res_list:
         return {name: 0.0 for name in COCO_STAT_NAMES}
-    for i, r in enumerate(res_list):
-        if len(r.get("keypoints", [])) != len(sigmas) * 3:
-            raise ValueError(f"results[{i}]: expected {len(sigmas) * 3} keypoint values, got "
-                             f"{len(r.get('keypoints', []))}")
     try:
         return _run_cocoeval(COCO, COCOeval, gt_dict, res_list, sigmas, verbose)
     except Exception as exc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 from typing import Any
@@ -15,7 +16,8 @@ from ..data.coco import CocoKeypoints
 from ..data.mpii import MPIIKeypoints
 from ..data.topdown import TopDownDataset, box_area_from_scale
 from .decode import decode_heatmaps, predict_heatmaps
-from .evaluate import coco_keypoint_eval, head_sizes_from_boxes, mpii_pckh, rescore_and_nms
+from .evaluate import (COCO_STAT_NAMES, MPII_TABLE_COLUMNS, coco_keypoint_eval,
+                       head_sizes_from_boxes, json_safe, mpii_pckh, rescore_and_nms)
 
 
 def autocast_context(device: torch.device, amp: str | None):
@@ -37,7 +39,8 @@ def run_inference(model: torch.nn.Module, dataset: TopDownDataset, batch_size: i
                   shift_heatmap: bool = True, decode: str = "quarter", dark_kernel: int = 11,
                   amp: str | None = None, num_workers: int = 0, channels_last: bool = False,
                   progress: bool = False) -> dict[str, np.ndarray]:
-    """Predict every sample of ``dataset``; keypoints come back in image pixels."""
+    """Predict every sample of ``dataset``; keypoints come back in image pixels. ``finite``
+    says, per sample, whether the model's heatmaps were all finite."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -47,7 +50,7 @@ def run_inference(model: torch.nn.Module, dataset: TopDownDataset, batch_size: i
         from tqdm import tqdm
 
         loader = tqdm(loader, desc="inference", leave=False)
-    keypoints, centers, scales, image_ids, scores, indices = [], [], [], [], [], []
+    keypoints, centers, scales, image_ids, scores, indices, finite = [], [], [], [], [], [], []
     try:
         for images, metas in loader:
             images = images.to(device)
@@ -56,6 +59,7 @@ def run_inference(model: torch.nn.Module, dataset: TopDownDataset, batch_size: i
             with autocast_context(device, amp):
                 heatmaps = predict_heatmaps(model, images, dataset.info.flip_pairs, flip_test,
                                             shift_heatmap)
+            finite.append(torch.isfinite(heatmaps).flatten(1).all(1).cpu().numpy())
             center = np.stack([m["center"].numpy() for m in metas])
             scale = np.stack([m["scale"].numpy() for m in metas])
             coords, maxvals = decode_heatmaps(heatmaps, center, scale, decode, dark_kernel)
@@ -75,6 +79,7 @@ def run_inference(model: torch.nn.Module, dataset: TopDownDataset, batch_size: i
         "image_ids": np.asarray(image_ids, dtype=np.int64),
         "box_scores": np.asarray(scores, dtype=np.float64),
         "indices": np.asarray(indices, dtype=np.int64),
+        "finite": np.concatenate(finite) if finite else np.zeros(0, bool),
     }
 
 
@@ -108,18 +113,40 @@ def _mpii_head_sizes(dataset: MPIIKeypoints, head_boxes: str | None) -> tuple[np
     return sizes, "head sizes approximated from head-top/upper-neck distance"
 
 
+def _nonfinite_reason(predictions: dict[str, np.ndarray]) -> str | None:
+    """Why the predictions cannot be scored (non-finite heatmaps or keypoints), or None."""
+    keypoints = np.asarray(predictions["keypoints"])
+    finite = np.isfinite(keypoints).reshape(len(keypoints), -1).all(axis=1)
+    if "finite" in predictions:
+        finite &= np.asarray(predictions["finite"], dtype=bool)
+    bad = int((~finite).sum())
+    if bad == 0:
+        return None
+    return (f"the model's heatmaps or keypoints are NaN or infinite for {bad} of "
+            f"{len(finite)} people (NaN weights, or overflow under AMP); no score computed")
+
+
 def evaluate_predictions(predictions: dict[str, np.ndarray], dataset: TopDownDataset,
                          test_cfg: dict[str, Any], output_dir: str | None = None
                          ) -> dict[str, Any]:
-    """COCO keypoint stats (COCO-format sets) or the PCKh table (MPII)."""
+    """COCO keypoint stats (COCO-format sets) or the PCKh table (MPII), with ``valid``.
+
+    Non-finite predictions are never scored: one warning, ``valid`` False, ``reason`` and
+    every statistic NaN (null in JSON), so a broken model cannot pass for AP 0 or 1."""
+    reason = _nonfinite_reason(predictions)
+    if reason is not None:
+        warnings.warn(f"evaluation: {reason}", RuntimeWarning, stacklevel=2)
     if isinstance(dataset, MPIIKeypoints):
+        if reason is not None:
+            return {"metric": "PCKh", "valid": False, "reason": reason,
+                    "pckh": {name: float("nan") for name in MPII_TABLE_COLUMNS}}
         sizes, how = _mpii_head_sizes(dataset, test_cfg.get("head_boxes"))
         order = predictions["indices"]
         gt = np.stack([dataset.records[i].joints for i in order])
         vis = np.stack([dataset.records[i].joints_vis for i in order])
         table = mpii_pckh(predictions["keypoints"][:, :, :2], gt, vis, sizes[order],
                           float(test_cfg["pckh_threshold"]))
-        return {"metric": "PCKh", "pckh": table, "head_sizes": how}
+        return {"metric": "PCKh", "valid": True, "pckh": table, "head_sizes": how}
     if not isinstance(dataset, CocoKeypoints):
         raise TypeError(f"dataset: expected CocoKeypoints or MPIIKeypoints, got "
                         f"{type(dataset).__name__}")
@@ -127,9 +154,23 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], dataset: TopDownDat
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "keypoint_results.json"), "w", encoding="utf-8") as f:
-            json.dump(results, f)
+            json.dump([_flag_nonfinite(r) for r in results], f, allow_nan=False)
+    if reason is not None:
+        stats = {name: float("nan") for name in COCO_STAT_NAMES}
+        return {"metric": "AP", "valid": False, "reason": reason, "stats": stats,
+                "AP": stats["AP"], "num_results": len(results)}
     stats = coco_keypoint_eval(dataset.coco.dataset, results, dataset.info.require_sigmas())
-    return {"metric": "AP", "stats": stats, "AP": stats["AP"], "num_results": len(results)}
+    return {"metric": "AP", "valid": True, "stats": stats, "AP": stats["AP"],
+            "num_results": len(results)}
+
+
+def _flag_nonfinite(result: dict) -> dict:
+    """A COCO result ready for JSON: non-finite values become null and the record gets
+    ``"valid": false`` (COCO tools then refuse it instead of misreading it)."""
+    values = [result["score"], *result["keypoints"]]
+    if all(math.isfinite(v) for v in values):
+        return result
+    return {**json_safe(result), "valid": False}
 
 
 def evaluate_model(model: torch.nn.Module, dataset: TopDownDataset, config: dict[str, Any],
