@@ -71,9 +71,42 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Model weights from a training checkpoint or a bare state dict."""
-    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    """Model weights from a training checkpoint (``model``), a checkpoint that nests them
+    under ``state_dict`` (MMPose, Lightning) or a bare state dict (official HRNet), without
+    DataParallel's ``module.`` prefixes."""
+    state = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def load_weights(path: str, argument: str = "weights") -> dict[str, torch.Tensor]:
+    """The model weights in ``path``: a ``.safetensors`` file, or a ``.pth`` / ``.pt`` training
+    checkpoint or state dict as :func:`model_state_dict` reads it. ``argument`` names the
+    setting the path came from, in error messages."""
+    from ..data.topdown import MissingFileError
+
+    if not os.path.isfile(path):
+        raise MissingFileError(f"{argument}: file not found: {path}")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise ImportError(f"{argument}: reading {path} needs the safetensors package "
+                              "(pip install safetensors)") from exc
+        try:
+            return load_file(path)
+        except Exception as exc:
+            raise MissingFileError(f"{argument}: unreadable safetensors file "
+                                   f"({type(exc).__name__}: {exc}): {path}") from exc
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{argument}: expected a checkpoint or state dict in {path}, got "
+                         f"{type(state).__name__}")
+    return model_state_dict(state)
 
 
 def save_safetensors(model: torch.nn.Module, path: str, metadata: dict[str, str] | None = None

@@ -23,6 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "dropout": None,               # None: the model's own default
         "channels_last": False,
         "extra": {},                   # passed to build_model as keyword arguments
+        "pretrained": None,            # weights to start from (see engine.modeling.load_pretrained)
     },
     "data": {
         "type": "coco",                # coco | mpii | synthetic
@@ -170,3 +171,48 @@ def validate_config(config: dict) -> dict:
 def dump_config(config: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
+
+
+_MISSING = object()
+
+
+def _flatten(config: dict, defaults: dict = DEFAULTS, prefix: tuple = ()):
+    """(``a.b`` key, value) for every setting; a free-form section is one value."""
+    for key, default in defaults.items():
+        here = prefix + (key,)
+        value = config.get(key, _MISSING) if isinstance(config, dict) else _MISSING
+        if isinstance(default, dict) and here not in FREE_FORM and isinstance(value, dict):
+            yield from _flatten(value, default, here)
+        else:
+            yield ".".join(here), value
+
+
+def _comparable(value: Any) -> Any:
+    """``1e-3`` (which YAML reads as a string), ``0.001`` and ``1.0e-3`` compare equal."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_comparable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    return value
+
+
+def changed_settings(old: dict, new: dict) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every setting of :data:`DEFAULTS` whose value
+    differs between two configs; a key absent from either (an older config) is skipped."""
+    ours = dict(_flatten(new))
+    changes = []
+    for key, before in _flatten(old):
+        after = ours.get(key, _MISSING)
+        if before is not _MISSING and after is not _MISSING and (
+                _comparable(before) != _comparable(after)):
+            changes.append((key, before, after))
+    return changes
