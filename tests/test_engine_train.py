@@ -1,7 +1,9 @@
 """Training engine: exact resume, non-finite loss, configs, checkpoints, native vs reference."""
 import copy
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,29 +17,11 @@ from saffnet_fast.engine.config import ConfigError, load_config, packaged_config
 from saffnet_fast.engine.tiny import TinyPoseNet
 from saffnet_fast.engine.trainer import NonFiniteLossError, Trainer
 
+from engine_utils import steps_per_epoch as _steps_per_epoch
+from engine_utils import tiny_config as _config
+from engine_utils import tiny_model as _model
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _config(tmp_path, name, *extra):
-    return load_config(None, [
-        "data.type=synthetic", f"data.cache_dir={tmp_path / 'cache'}",
-        "data.synthetic={num_train: 6, num_val: 2, image_height: 96, image_width: 96}",
-        "model.input_size=[32,24]", "model.name=tiny", "train.batch_size=4", "train.epochs=2",
-        "train.lr_steps=[1]", "data.num_workers=0", "train.progress=false",
-        f"output_dir={tmp_path / name}", "seed=5", *extra])
-
-
-def _model(dropout=0.2):
-    torch.manual_seed(0)
-    return TinyPoseNet(17, width=8, dropout=dropout)
-
-
-def _steps_per_epoch(samples: int, batch: int) -> int:
-    """The Trainer's batches per epoch: a trailing batch of one sample is dropped (BatchNorm
-    cannot train on it), any other remainder kept."""
-    if batch > 1 and samples % batch == 1:
-        return samples // batch
-    return -(-samples // batch)
 
 
 def test_stop_and_resume_reproduces_the_uninterrupted_losses(tmp_path):
@@ -247,3 +231,129 @@ def test_trailing_batch_of_one_is_dropped(tmp_path):
     torch.manual_seed(0)
     Trainer(cfg, Recorder(17, width=8, dropout=0.0), train_set, log=lambda s: None).fit()
     assert seen == [batch]
+
+
+def test_pretrained_hrnet_w32_loads_fully_and_its_shared_parts_into_saffnet(tmp_path):
+    from safetensors.torch import save_file
+
+    from saffnet_fast.engine.modeling import load_pretrained
+    from saffnet_fast.models import build_model
+
+    torch.manual_seed(1)
+    source = build_model("hrnet_w32", num_joints=17, input_size=(64, 64)).state_dict()
+    official = tmp_path / "pose_hrnet_w32.pth"  # DataParallel-saved, as some releases are
+    torch.save({f"module.{k}": v for k, v in source.items()}, official)
+    as_safetensors = tmp_path / "hrnet_w32.safetensors"
+    save_file({k: v.contiguous() for k, v in source.items()}, str(as_safetensors))
+    for path in (official, as_safetensors):
+        torch.manual_seed(2)
+        target = build_model("hrnet_w32", num_joints=17, input_size=(64, 64))
+        report = load_pretrained(target, str(path))
+        assert f"loaded {len(source)} of {len(source)} tensors" in report
+        assert "skipped 0 missing / 0 unexpected / 0 shape-mismatched" in report
+        assert all(torch.equal(v, source[k]) for k, v in target.state_dict().items())
+
+    # SAFFNet through the Trainer: the shared stem, stages, transitions and head load
+    cfg = _config(tmp_path, "saffnet", "model.name=saffnet", "model.input_size=[64,48]",
+                  f"model.pretrained={official}")
+    torch.manual_seed(3)
+    model = build_model("saffnet", num_joints=17, input_size=(64, 48))
+    ours = {k: v.clone() for k, v in model.state_dict().items()}
+    shared = [k for k in ours if k in source and ours[k].shape == source[k].shape]
+    missing = [k for k in ours if k not in source]
+    unexpected = [k for k in source if k not in ours]
+    assert shared and missing and unexpected
+    lines = []
+    trainer = Trainer(cfg, model, build_dataset(cfg, "train"), log=lines.append)
+    loaded = trainer.model.state_dict()
+    assert all(torch.equal(loaded[k], source[k]) for k in shared)
+    assert all(torch.equal(loaded[k], ours[k]) for k in missing)  # left as initialised
+    report = [line for line in lines if line.startswith("model.pretrained")]
+    assert len(report) == 1
+    assert f"loaded {len(shared)} of {len(ours)} tensors" in report[0]
+    assert (f"skipped {len(missing)} missing ({missing[0]}, " in report[0]
+            and f"/ {len(unexpected)} unexpected ({unexpected[0]}, " in report[0]
+            and "/ 0 shape-mismatched" in report[0])
+
+    # another joint count: the head is skipped as shape-mismatched
+    other = build_model("saffnet", num_joints=16, input_size=(64, 48))
+    report = load_pretrained(other, str(official))
+    assert f"loaded {len(shared) - 2} of" in report
+    assert "/ 2 shape-mismatched (final_layer.weight, final_layer.bias)" in report
+    with pytest.raises(ValueError, match=r"model.pretrained: none of the 1754 tensors"):
+        load_pretrained(TinyPoseNet(17, width=8), str(official))
+
+
+@pytest.mark.parametrize("wrap", ["training checkpoint", "state_dict"])
+def test_pretrained_reads_checkpoints_that_nest_the_weights(tmp_path, wrap):
+    from saffnet_fast.engine.modeling import load_pretrained
+
+    source = TinyPoseNet(17, width=8).state_dict()
+    path = tmp_path / "weights.pth"
+    torch.save({"model": source, "epoch": 3} if wrap == "training checkpoint" else
+               {"state_dict": source, "meta": {"epoch": 3}}, path)
+    target = TinyPoseNet(17, width=8)
+    assert f"loaded {len(source)} of {len(source)}" in load_pretrained(target, str(path))
+    assert all(torch.equal(v, source[k]) for k, v in target.state_dict().items())
+
+
+def test_missing_tensorboard_is_said_once(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    cfg = _config(tmp_path, "tb", "train.tensorboard=true")
+    lines = []
+    trainer = Trainer(cfg, _model(), build_dataset(cfg, "train"), log=lines.append)
+    trainer.fit(stop_after_steps=1)
+    trainer.fit()
+    notices = [line for line in lines if "tensorboard" in line.lower()]
+    assert len(notices) == 1 and "pip install tensorboard" in notices[0]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_one_line_per_epoch_and_bars_only_on_a_terminal(tmp_path, monkeypatch, terminal):
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    cfg = _config(tmp_path, "log", "train.progress=true", "train.tensorboard=false")
+    train_set = build_dataset(cfg, "train")
+    lines = []
+    losses = Trainer(cfg, _model(), train_set, log=lines.append).fit()["losses"]
+    assert bool(stderr.getvalue()) == terminal  # tqdm draws on stderr
+    per_epoch = _steps_per_epoch(len(train_set), 4)
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2
+    for epoch, (line, lr) in enumerate(zip(epoch_lines, ("1.0e-03", "1.0e-04"))):
+        mean = sum(losses[epoch * per_epoch:(epoch + 1) * per_epoch]) / per_epoch
+        assert re.fullmatch(rf"epoch {epoch + 1}/2  loss {mean:.2e}  lr {lr}  \d+ img/s  "
+                            r"\d+\.\d s", line), line
+
+
+@pytest.mark.parametrize("metric,values,best_epoch", [
+    ("AP", [0.2, 0.5, 0.3], 2),
+    ("PCKh", [float("nan"), 40.0, 55.0], 3)])
+def test_best_checkpoint_follows_the_metric(tmp_path, metric, values, best_epoch):
+    cfg = _config(tmp_path, "best", "train.epochs=3", "train.eval_every_epochs=1",
+                  "train.lr_steps=[10]", "train.tensorboard=false")
+    lines = []
+    trainer = Trainer(cfg, _model(), build_dataset(cfg, "train"),
+                      val_set=build_dataset(cfg, "val"), log=lines.append)
+    snapshots = []
+
+    def scripted_evaluation():
+        snapshots.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        value = values[len(snapshots) - 1]
+        return {"AP": value} if metric == "AP" else {"pckh": {"Mean": value}}
+
+    trainer.evaluate = scripted_evaluation
+    trainer.fit()
+    best = torch.load(tmp_path / "best" / "best.pth", weights_only=True)
+    assert (best["metric"], best["value"], best["epoch"]) == (metric, values[best_epoch - 1],
+                                                              best_epoch)
+    expected = snapshots[best_epoch - 1]
+    assert all(torch.equal(best["model"][k], expected[k]) for k in expected)
+    rolling = torch.load(tmp_path / "best" / "checkpoint.pth", weights_only=True)
+    assert rolling["best"]["epoch"] == best_epoch and rolling["epoch"] == 3
+    assert sum("best so far" in line for line in lines) == 2
