@@ -157,18 +157,16 @@ def test_fast_optimized_compile_provider_wraps_the_optimized_model():
     """fast_optimized_compile = optimize_for_inference, then torch.compile (built here, not
     run: compiling takes tens of seconds on a small CPU)."""
     from saffnet_fast import bench
-    from saffnet_fast import models as saffnet_models
+    from saffnet_fast.bench.models import _model_factory
 
     cfg = bench.ModelBenchConfig.preset_config("tiny", "cpu")
     example = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    model, backend = bench._model_factory("fast_optimized_compile", saffnet_models, cfg,
-                                          torch.device("cpu"), torch.float32, example,
-                                          training=False, weights={})
+    model, backend = _model_factory("fast_optimized_compile", cfg, torch.device("cpu"),
+                                    torch.float32, example, training=False, weights={})
     assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
     inner = model._orig_mod
     assert not inner.training and not any(p.requires_grad for p in inner.parameters())
     assert backend in ("native", "reference")
     with pytest.raises(bench.ProviderUnavailable, match="inference only"):
-        bench._model_factory("fast_optimized_compile", saffnet_models, cfg,
-                             torch.device("cpu"), torch.float32, example, training=True,
-                             weights={})
+        _model_factory("fast_optimized_compile", cfg, torch.device("cpu"), torch.float32,
+                       example, training=True, weights={})
