@@ -135,6 +135,21 @@ def test_debug_flag_or_env_shows_the_traceback_and_bugs_keep_theirs(run, tmp_pat
               "--out", str(tmp_path / "p")])
 
 
+def test_ctrl_c_is_one_line_with_exit_code_130(monkeypatch, capsys):
+    # The trainer saves its checkpoint on SIGINT and raises KeyboardInterrupt; the command
+    # then ends in one line, not a traceback (--debug still shows it).
+    from saffnet_fast.cli import info
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "run", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == "saffnet info: interrupted\n"
+    with pytest.raises(KeyboardInterrupt):
+        main(["info", "--debug"])
+
+
 def test_test_takes_options_after_positional_overrides(run, capsys):
     first, *rest = run["overrides"]
     assert main(["test", "synthetic_quick", first, "--checkpoint", run["checkpoint"], *rest,

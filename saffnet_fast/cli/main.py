@@ -105,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         # Intermixed: options may follow positional KEY=VALUE overrides.
         args = parser.parse_intermixed_args(argv[1:])
         return int(module.run(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C: training has saved its checkpoint by now (engine.trainer); say so in one line.
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`saffnet info | head`): stop quietly, as other tools do.
+        # Python's docs: point stdout at devnull so the interpreter's final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:
         if debug or not isinstance(exc, _user_error_types()):
             raise
