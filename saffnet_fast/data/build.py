@@ -1,12 +1,11 @@
-"""Datasets from a run configuration (see :mod:`saffnet_fast.engine.config`)."""
+"""Datasets from a run configuration (see :mod:`saffnet_fast.engine.config`); each
+``data.type`` is an entry of :data:`saffnet_fast.data.registry.DATASET_TYPES`."""
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from .coco import CocoKeypoints
-from .mpii import MPIIKeypoints
-from .synthetic import SyntheticParams, ensure_synthetic_dataset, split_paths
+from .registry import dataset_type
 from .topdown import TopDownDataset
 
 
@@ -16,24 +15,12 @@ def _join(root: str, path: str | None) -> str | None:
     return path if os.path.isabs(path) else os.path.join(root, path)
 
 
-def synthetic_params(data_cfg: dict[str, Any]) -> SyntheticParams:
-    fields = SyntheticParams.__dataclass_fields__
-    cfg = dict(data_cfg.get("synthetic") or {})
-    unknown = set(cfg) - set(fields)
-    if unknown:
-        raise ValueError(f"data.synthetic: unknown keys {sorted(unknown)}; expected {sorted(fields)}")
-    return SyntheticParams(**cfg).validate()
-
-
 def resolve_data_paths(config: dict[str, Any]) -> dict[str, Any]:
-    """For ``data.type: synthetic``, generate the set (once) and fill in its paths."""
+    """The config's data section with its paths filled in (``data.type: synthetic``:
+    the set generated once)."""
     data = dict(config["data"])
-    if data["type"] == "synthetic":
-        root = ensure_synthetic_dataset(synthetic_params(data), data.get("cache_dir"))
-        data["root"] = root
-        data["train_annotations"], data["train_images"] = split_paths(root, "train")
-        data["val_annotations"], data["val_images"] = split_paths(root, "val")
-    return data
+    prepare = dataset_type(data["type"]).prepare
+    return prepare(data) if prepare is not None else data
 
 
 def build_dataset(config: dict[str, Any], split: str, is_train: bool | None = None
@@ -51,9 +38,5 @@ def build_dataset(config: dict[str, Any], split: str, is_train: bool | None = No
                   seed=int(config["seed"]))
     annotations = _join(root, data[f"{split}_annotations"])
     images = _join(root, data[f"{split}_images"])
-    if data["type"] == "mpii":
-        return MPIIKeypoints(annotations, images, **common)
     detection_file = _join(root, data["detection_file"]) if split == "val" else None
-    return CocoKeypoints(annotations, images, detection_file=detection_file,
-                         detection_score_threshold=float(data["detection_score_threshold"]),
-                         **common)
+    return dataset_type(data["type"]).build(annotations, images, detection_file, data, **common)

@@ -12,6 +12,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from ..data.registry import dataset_type
+
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "output_dir": "outputs/run",
@@ -154,8 +156,10 @@ def validate_config(config: dict) -> dict:
             or any(int(v) % 4 or int(v) <= 0 for v in size)):
         raise ConfigError(f"model.input_size: expected [height, width], positive multiples of 4, "
                           f"got {size!r}")
-    if data["type"] not in ("coco", "mpii", "synthetic"):
-        raise ConfigError(f"data.type: expected coco, mpii or synthetic, got {data['type']!r}")
+    try:
+        dataset_type(data["type"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if train["amp"] not in (None, "float16", "bfloat16"):
         raise ConfigError(f"train.amp: expected null, float16 or bfloat16, got {train['amp']!r}")
     if test["decode"] not in ("argmax", "quarter", "dark"):

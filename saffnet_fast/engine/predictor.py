@@ -282,6 +282,7 @@ class Predictor:
                         device: str | torch.device = "cpu", backend: str | None = None,
                         **kwargs) -> "Predictor":
         from ..data.dataset_info import build_dataset_info
+        from ..data.registry import dataset_type
         from .modeling import build_model_from_config
 
         state = load_checkpoint(checkpoint)
@@ -290,7 +291,7 @@ class Predictor:
             raise ValueError(f"--checkpoint {checkpoint}: stores no config; pass --config")
         model = build_model_from_config(config, backend=backend)
         load_model_weights(model, checkpoint, config)
-        default = "mpii" if config["data"]["type"] == "mpii" else "coco"
+        default = dataset_type(config["data"]["type"]).default_info
         info = build_dataset_info(config["data"].get("dataset_info") or None, None, default)
         return cls(model, info, config["model"]["input_size"], device, **kwargs)
 
