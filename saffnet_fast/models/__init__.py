@@ -6,7 +6,6 @@ Table V rows with the switches that build them and the paper's complexity figure
 """
 from __future__ import annotations
 
-import importlib.util
 import numbers
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
@@ -151,9 +150,6 @@ def build_model(name: str, *, scbottle: Optional[bool] = None, safuse: Optional[
     model.input_size = (height, width)
     model.heatmap_size = (height // 4, width // 4)
     if backend is not None and backend.lower() != "reference":
-        if importlib.util.find_spec("saffnet_fast.convert") is None:
-            raise ValueError(f"backend: {backend!r} needs saffnet_fast.convert, which is not "
-                             f"part of this install; use backend=None or 'reference'")
-        from saffnet_fast.convert import convert
-        model = convert(model, backend=backend) or model
+        from ..convert import convert
+        model = convert(model, backend=backend)
     return model
