@@ -69,7 +69,7 @@ def _run(args) -> int:
     from saffnet_fast.engine.inference import evaluate_model
     from saffnet_fast.engine.modeling import build_model_from_config
     from saffnet_fast.engine.predictor import Predictor
-    from saffnet_fast.engine.trainer import Trainer, resolve_device
+    from saffnet_fast.engine.trainer import Trainer, resolve_device, seed_everything
 
     if args.threads < 1:
         raise ValueError(f"--threads: expected a positive thread count, got {args.threads}")
@@ -80,10 +80,6 @@ def _run(args) -> int:
         f"output_dir={args.out}", f"train.device={args.device}", "train.resume=false"] + (
         [f"model.backend={args.backend}"] if args.backend else [])
     config = load_config(args.config, overrides)
-    os.makedirs(args.out, exist_ok=True)
-    stale = os.path.join(args.out, "checkpoint.pth")
-    if os.path.exists(stale):
-        os.remove(stale)  # the demo always trains from scratch
     test_cfg, data_cfg = config["test"], config["data"]
     print("[1/5] synthetic dataset (generated once, then cached)")
     print("      stated choices: OKS area = person box area w*h (no masks; looser than COCO's "
@@ -95,18 +91,19 @@ def _run(args) -> int:
     print(f"      {len(train_set)} training people, {len(val_set)} val people in "
           f"{os.path.dirname(os.path.dirname(train_set.annotation_file))}")
     device = resolve_device(args.device)
+    seed_everything(int(config["seed"]))  # the seed fixes the initial weights too
     model = build_model_from_config(config)
     backend = getattr(model, "backend", None) or config["model"]["backend"]
     print(f"[2/5] model {config['model']['name']} (backend {backend}), input "
           f"{config['model']['input_size'][0]}x{config['model']['input_size'][1]}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    torch.manual_seed(int(config["seed"]))
     before = evaluate_model(model, val_set, config, device)["AP"]
     print(f"      AP before training: {before:.4f}")
     print(f"[3/5] training {config['train']['epochs']} epochs "
           f"({len(train_set)} people, batch {config['train']['batch_size']})")
-    trainer = Trainer(config, model, train_set, val_set=None, log=print)
-    result = trainer.fit()
+    # The demo always trains from scratch: a previous demo run in --out is replaced.
+    with Trainer(config, model, train_set, val_set=None, log=print, overwrite=True) as trainer:
+        result = trainer.fit()
     print(f"      {result['global_step']} steps in {result['seconds']:.0f} s, final loss "
           f"{result['losses'][-1]:.2e}")
     print("[4/5] evaluating on the synthetic val split (flip test, OKS-NMS, COCOeval)")
