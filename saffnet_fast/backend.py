@@ -11,6 +11,10 @@ variable ``SAFFNET_BACKEND``, then ``auto``. Every fast module and ``build_model
     unavailable.
 A fallback taken by ``auto`` emits one warning line saying why; an explicitly requested
 backend that is unavailable raises :class:`BackendUnavailableError` saying what is missing.
+
+This module answers for a device as a whole. Per call, the fast modules
+(:mod:`saffnet_fast.nn.fast`) also ask each backend whether it takes the input's dtype and the
+module's mode (its ``unsupported_reason``), and ``auto`` falls back the same way.
 """
 from __future__ import annotations
 

@@ -57,3 +57,31 @@ def test_resolve_backend_error_names_torch_version(disabled_run):
 def test_exactly_one_warning_line(disabled_run):
     warning_lines = [line for line in disabled_run.stderr.splitlines() if "Warning" in line]
     assert len(warning_lines) == 1, disabled_run.stderr
+
+
+AMP_CODE = (
+    "import torch\n"
+    "from saffnet_fast.nn.fast import FastSAWF, FastSCAFF, FastSplitResplice\n"
+    "net = torch.nn.Sequential(FastSCAFF(16), FastSAWF(16), FastSplitResplice(16, splits=4))\n"
+    "x = torch.randn(2, 16, 6, 5)\n"
+    "for _ in range(2):\n"
+    "    with torch.autocast('cpu', torch.bfloat16):\n"
+    "        y = net(x)\n"
+    "    y.float().sum().backward()\n"
+    "print('FINITE:', bool(torch.isfinite(y).all()))\n"
+)
+
+
+def test_amp_without_extension_falls_back_with_one_warning_for_all_blocks():
+    """Three kinds of block, two steps under autocast: the reference runs them all and the
+    one reason (no extension) is told once."""
+    env = dict(os.environ, SAFFNET_DISABLE_NATIVE="1", PYTHONWARNINGS="default")
+    env.pop("SAFFNET_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", AMP_CODE], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert _line(proc, "FINITE:") == "FINITE: True"
+    fallbacks = [line for line in proc.stderr.splitlines()
+                 if "RuntimeWarning: saffnet_fast: backend='auto'" in line]
+    assert len(fallbacks) == 1, proc.stderr
+    assert "reference" in fallbacks[0] and "saffnet_fast._C" in fallbacks[0]

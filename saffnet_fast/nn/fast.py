@@ -11,16 +11,25 @@ backend for the input's device and runs
   tensor under ``TRITON_INTERPRET=1``).
 
 ``backend=None`` (the default) follows :func:`saffnet_fast.use_backend` / ``SAFFNET_BACKEND``
-/ ``auto``. ``auto`` takes the first implementation that can serve this call (the device,
-and for Triton the module's mode and the dtype) and otherwise falls back to the reference
-with one warning line per distinct reason. An explicitly requested backend that cannot serve
-the call raises :class:`~saffnet_fast.backend.BackendUnavailableError` saying why.
+/ ``auto``. ``auto`` takes the first implementation that can serve this call (the device, the
+dtype, the module's mode; each backend says what it cannot serve in its
+``unsupported_reason``) and otherwise falls back to the reference with one warning line per
+distinct reason. An explicitly requested backend that cannot serve the call raises
+:class:`~saffnet_fast.backend.BackendUnavailableError` saying why.
+
+Under autocast (``torch.autocast`` for the input's device) a fused implementation runs as
+autocast runs an op on its float32 list: its inputs are cast to the parameters' dtype
+(float32 in mixed-precision training), autocast is off inside, and the output is cast back
+to the dtype the reference would return. The fused kernels then need no reduced-precision
+variant on the CPU, where they have none, and are more accurate than the reference's
+bfloat16 / float16 convolutions.
 
 Tracing (``torch.jit.trace``, ONNX export) always takes the reference path so exported graphs
 contain only standard operators.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import warnings
@@ -50,20 +59,15 @@ __all__ = [
 _warned_fallbacks: set[str] = set()
 
 
-def _warn_fallback_once(message: str) -> None:
-    if message not in _warned_fallbacks:
-        _warned_fallbacks.add(message)
+def _warn_fallback_once(key: str, message: str) -> None:
+    if key not in _warned_fallbacks:
+        _warned_fallbacks.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _native_lookup(op: str, module: nn.Module, x: torch.Tensor) -> Tuple[Optional[Callable], str]:
     """The native function for ``op`` or (None, why not). Looked up at call time: the native
     module may not define every op."""
-    if getattr(module, "_bn_folded", False):
-        # The native kernels read the BatchNorm modules; optimize_for_inference only folds
-        # BN inside a fused block when the native backend does not serve it.
-        return None, ("its BatchNorm layers were folded by optimize_for_inference and the "
-                      "native kernels expect the BatchNorm modules")
     try:
         native = importlib.import_module("saffnet_fast.ops.native")
     except Exception as exc:  # the module may not exist in this build yet
@@ -71,11 +75,10 @@ def _native_lookup(op: str, module: nn.Module, x: torch.Tensor) -> Tuple[Optiona
     fn = getattr(native, f"native_{op}", None)
     if fn is None:
         return None, f"saffnet_fast.ops.native has no native_{op} (op not implemented natively)"
-    # Optional hook: the native side may say which cases it does not cover (a mode, a dtype)
-    # instead of raising NotImplementedError from the op.
+    # What the native kernels cannot serve (a dtype, a mode), as Triton's unsupported_reason
     unsupported = getattr(native, "unsupported_reason", None)
     if callable(unsupported):
-        reason = unsupported(op, module, x)
+        reason = unsupported(module, x)
         if reason is not None:
             return None, reason
     return fn, ""
@@ -107,9 +110,41 @@ def _exporting() -> bool:
     return bool(is_in_export()) if is_in_export is not None else False
 
 
+def _autocast_on(device: torch.device) -> bool:
+    return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def _kernel_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype a fused implementation computes in: x's, or under autocast the parameters'
+    (see the module docstring)."""
+    if not _autocast_on(x.device):
+        return x.dtype
+    param = next(module.parameters(), None)
+    return x.dtype if param is None else param.dtype
+
+
+def _run_kernel(fn: Callable, module: nn.Module, x: torch.Tensor, x_run: torch.Tensor, inputs):
+    """``fn(module, x_run, *inputs)``, ``x_run`` being ``x`` in :func:`_kernel_dtype`; under
+    autocast with the other inputs in that dtype too, autocast off inside, and the output
+    in the dtype the reference returns (x's, promoted with the other inputs')."""
+    if not _autocast_on(x.device):
+        return fn(module, x_run, *inputs)
+    out_dtype = x.dtype
+    for t in inputs:
+        out_dtype = torch.promote_types(out_dtype, t.dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        out = fn(module, x_run, *(t.to(x_run.dtype) for t in inputs))
+    return out.to(out_dtype)
+
+
+def _requested(backend: Optional[str]) -> str:
+    return _backend.get_backend() if backend is None else backend
+
+
 def _candidates(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor):
-    """(explicit, [(name, fn)...], reasons): the implementations to try in order."""
-    requested = _backend.get_backend() if backend is None else backend
+    """(explicit, [(name, fn)...], reasons): the implementations to try in order; ``x`` in
+    the dtype they would compute in (:func:`_kernel_dtype`)."""
+    requested = _requested(backend)
     if requested == "reference" or _exporting():
         return True, [], []
     device = x.device
@@ -139,44 +174,54 @@ def _candidates(op: str, backend: Optional[str], module: nn.Module, x: torch.Ten
     return False, found, reasons
 
 
-def _fallback_message(op: str, device: torch.device, reasons) -> str:
-    return (f"saffnet_fast: backend='auto' runs {op} with the reference PyTorch path on "
-            f"{device.type} ({'; '.join(reasons)})")
+def _warn_fallback(op: str, x: torch.Tensor, reasons) -> None:
+    """One warning line per distinct reason (the same reason stops every block of a model)."""
+    why = "; ".join(reasons)
+    _warn_fallback_once(why, (
+        f"saffnet_fast: backend='auto' runs {op} with the reference PyTorch path on "
+        f"{x.device.type} {x.dtype} input ({why}); other blocks falling back for this reason "
+        "are not reported again"))
 
 
 def select_implementation(op: str, backend: Optional[str], module: nn.Module,
                           x: torch.Tensor) -> Tuple[str, Optional[Callable]]:
     """The implementation ``auto``/``backend`` picks for this call: ``(backend_name, fn)``;
-    ``fn`` is None for the reference path."""
+    ``fn`` is None for the reference path. ``x`` is the input as the implementation would
+    get it (under autocast: in the parameters' dtype, see :func:`run_op`)."""
     explicit, found, reasons = _candidates(op, backend, module, x)
     if found:
         return found[0]
     if not explicit:
-        _warn_fallback_once(_fallback_message(op, x.device, reasons))
+        _warn_fallback(op, x, reasons)
     return "reference", None
 
 
 def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor, *inputs):
     """Run ``op`` with the selected implementation; None means "run the reference forward".
     ``x`` decides the device and dtype; ``inputs`` are the op's further tensors (AFF's
-    residual).
+    residual). Under autocast the implementations get their inputs in the parameters' dtype
+    (see the module docstring).
 
     An implementation that raises NotImplementedError (a kernel not written yet for this
     case) counts as unavailable: auto moves on to the next one, an explicit request raises
     BackendUnavailableError."""
-    explicit, found, reasons = _candidates(op, backend, module, x)
+    if _requested(backend) == "reference":
+        return None
+    dtype = _kernel_dtype(module, x)
+    x_run = x.to(dtype)
+    explicit, found, reasons = _candidates(op, backend, module, x_run)
     for name, fn in found:
         try:
-            return fn(module, x, *inputs)
+            return _run_kernel(fn, module, x, x_run, inputs)
         except NotImplementedError as exc:
             if explicit:
                 raise BackendUnavailableError(
                     f"backend={name!r} cannot run {type(module).__name__} ({op}) on "
-                    f"{x.device.type} {x.dtype} input: {exc}. Pass backend='auto' or "
+                    f"{x_run.device.type} {x_run.dtype} input: {exc}. Pass backend='auto' or "
                     "backend='reference'.") from exc
             reasons.append(f"{name}: {exc}")
     if not explicit:
-        _warn_fallback_once(_fallback_message(op, x.device, reasons))
+        _warn_fallback(op, x_run, reasons)
     return None
 
 
@@ -228,7 +273,10 @@ def _run_traced(name: str, op: str, module: nn.Module, x: torch.Tensor,
 def _validate_backend(backend: Optional[str]) -> Optional[str]:
     if backend is None:
         return None
-    if not isinstance(backend, str) or backend.lower() not in _backend.BACKENDS:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend: expected None or one of {_backend.BACKENDS}, got "
+                        f"{type(backend).__name__} {backend!r}")
+    if backend.lower() not in _backend.BACKENDS:
         raise ValueError(f"backend: expected None or one of {_backend.BACKENDS}, got {backend!r}")
     return backend.lower()
 
@@ -253,13 +301,15 @@ class _FastMixin:
             # The selection itself (imports, warnings, context variables) is not traceable:
             # it runs once per compilation; what it depends on is read here, in traced code,
             # so torch.compile guards on it (mode, device, dtype, grad) and recompiles.
-            name = _compile_time_choice(self._op, self.backend, self._fast_key, str(x.device), x.dtype,
-                                        self.training, x.requires_grad,
+            dtype = _kernel_dtype(self, x)
+            name = _compile_time_choice(self._op, self.backend, self._fast_key, str(x.device),
+                                        dtype, self.training, x.requires_grad,
                                         torch.is_grad_enabled())
             if name == "reference":
                 return None
             try:
-                return _run_traced(name, self._op, self, x, *inputs)
+                return _run_kernel(functools.partial(_run_traced, name, self._op), self, x,
+                                   x.to(dtype), inputs)
             except NotImplementedError:  # a kernel not written for this case: reference
                 return None
         return run_op(self._op, self.backend, self, x, *inputs)

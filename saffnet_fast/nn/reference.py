@@ -15,6 +15,7 @@ Lightweight Human Pose Estimation") are explained in ``docs/architecture.md``.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List
 
 import torch
@@ -45,6 +46,46 @@ DEFAULT_NEGATIVE_SLOPE = 0.1
 DEFAULT_DROPOUT = 0.1
 
 
+# Constructor argument checks (the fast modules inherit them; nn/sa_blocks.py uses them too):
+# each error names the argument, what was expected and what was given.
+def _int_arg(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int ≥ {minimum}"
+        raise ValueError(f"{name}: expected {wanted}, got {value}")
+    return int(value)
+
+
+def _real_arg(name: str, value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _dropout_arg(value) -> float:
+    p = _real_arg("dropout", value)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {value}")
+    return p
+
+
+def _slope_arg(value) -> float:
+    slope = _real_arg("negative_slope", value)
+    if not math.isfinite(slope):
+        raise ValueError(f"negative_slope: expected a finite number, got {value}")
+    return slope
+
+
+def _reduction_arg(name: str, value, channels: int) -> int:
+    """A reduction r of a bottleneck of channels // r hidden channels: at most channels."""
+    r = _int_arg(name, value)
+    if channels // r < 1:
+        raise ValueError(f"{name}: expected at most channels ({channels}) so that the hidden "
+                         f"width channels // {name} is ≥ 1, got {value}")
+    return r
+
+
 def _check_input(x: torch.Tensor, channels: int, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
@@ -65,10 +106,9 @@ class FC(nn.Sequential):
 
     def __init__(self, channels: int, negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
                  dropout: float = DEFAULT_DROPOUT):
-        if channels <= 0:
-            raise ValueError(f"channels: expected a positive int, got {channels}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout}")
+        _int_arg("channels", channels)
+        _slope_arg(negative_slope)
+        _dropout_arg(dropout)
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn = nn.BatchNorm2d(channels)
@@ -86,8 +126,8 @@ def split_resplice_widths(channels: int, splits: int = 8) -> List[int]:
     second floor(c/2) channels of the previous step's output. For 64 channels, s = 8:
     [8, 12, 14, 15, 15, 15, 15].
     """
-    if splits < 2:
-        raise ValueError(f"splits: expected at least 2, got {splits}")
+    _int_arg("channels", channels)
+    _int_arg("splits", splits, minimum=2)
     if channels % splits != 0:
         raise ValueError(
             f"channels: expected a multiple of splits={splits}, got {channels}")
@@ -111,9 +151,9 @@ class SplitResplice(nn.Module):
                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
                  dropout: float = DEFAULT_DROPOUT):
         super().__init__()
+        self.widths = split_resplice_widths(channels, splits)  # checks channels, splits
         self.channels = channels
         self.splits = splits
-        self.widths = split_resplice_widths(channels, splits)
         self.steps = nn.ModuleList(
             [FC(c, negative_slope, dropout) for c in self.widths])
 
@@ -150,7 +190,9 @@ class CoordAttention(nn.Module):
 
     def __init__(self, inp: int, oup: int | None = None, reduction: int = 32):
         super().__init__()
-        oup = inp if oup is None else oup
+        _int_arg("inp", inp)
+        oup = inp if oup is None else _int_arg("oup", oup)
+        _int_arg("reduction", reduction)  # mip = max(8, inp // reduction) ≥ 8 for any
         if oup != inp:
             # out = identity · a_w · a_h needs oup == inp (as the official code does).
             raise ValueError(f"oup: expected oup == inp ({inp}), got {oup}")
@@ -204,9 +246,8 @@ class AFF(nn.Module):
 
     def __init__(self, channels: int = 64, r: int = 4):
         super().__init__()
-        inter_channels = int(channels // r)
-        if inter_channels < 1:
-            raise ValueError(f"r: channels // r must be ≥ 1, got channels={channels}, r={r}")
+        _int_arg("channels", channels)
+        inter_channels = channels // _reduction_arg("r", r, channels)
         self.channels = channels
         self.r = r
         self.local_att = nn.Sequential(
@@ -251,6 +292,8 @@ class SEPlus(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()
+        _int_arg("channels", channels)
+        _int_arg("reduction", reduction)  # hidden = max(channels // reduction, 4) ≥ 4 for any
         hidden = max(channels // reduction, 4)
         self.channels = channels
         self.reduction = reduction
@@ -273,6 +316,9 @@ class SAWF(nn.Module):
 
     def __init__(self, channels: int, se_reduction: int = 16, aff_r: int = 4):
         super().__init__()
+        _int_arg("channels", channels)
+        _int_arg("se_reduction", se_reduction)
+        _reduction_arg("aff_r", aff_r, channels)
         self.channels = channels
         self.se = SEPlus(channels, se_reduction)
         self.aff = AFF(channels, aff_r)
@@ -286,6 +332,9 @@ class SCAFF(nn.Module):
 
     def __init__(self, channels: int, ca_reduction: int = 32, aff_r: int = 4):
         super().__init__()
+        _int_arg("channels", channels)
+        _int_arg("ca_reduction", ca_reduction)
+        _reduction_arg("aff_r", aff_r, channels)
         self.channels = channels
         self.ca = CoordAttention(channels, channels, ca_reduction)
         self.aff = AFF(channels, aff_r)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .reference import (DEFAULT_DROPOUT, DEFAULT_NEGATIVE_SLOPE, SAWF, SCAFF, SplitResplice,
-                        _check_input)
+                        _check_input, _int_arg)
 
 __all__ = [
     "BN_MOMENTUM",
@@ -66,10 +66,9 @@ def _conv_bn(in_channels: int, out_channels: int, kernel: int, stride: int,
     return layers
 
 
-def _positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
+def _check_placement(placement) -> None:
+    if not isinstance(placement, str) or placement not in SAWF_PLACEMENTS:
+        raise ValueError(f"placement: expected one of {SAWF_PLACEMENTS}, got {placement!r}")
 
 
 class SCBottle(nn.Module):
@@ -89,11 +88,15 @@ class SCBottle(nn.Module):
                  negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
                  dropout: float = DEFAULT_DROPOUT):
         super().__init__()
-        _positive("inplanes", inplanes)
-        _positive("planes", planes)
-        if stride != 1:
-            # SR's steps are stride-1 convs; SAFFNet uses SCBottle only inside layer1.
-            raise ValueError(f"stride: SCBottle supports stride 1 only, got {stride}")
+        _int_arg("inplanes", inplanes)
+        _int_arg("planes", planes)
+        if _int_arg("stride", stride) != 1:
+            # SAFFNet uses SCBottle only inside layer1, at stride 1
+            raise ValueError(f"stride: expected 1 (SCBottle's SR steps are stride-1 convs), "
+                             f"got {stride}")
+        if downsample is not None and not isinstance(downsample, nn.Module):
+            raise TypeError(f"downsample: expected None or an nn.Module, got "
+                            f"{type(downsample).__name__}")
         self.inplanes = inplanes
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes, momentum=BN_MOMENTUM)
@@ -130,8 +133,8 @@ class SAStem(nn.Module):
     def __init__(self, in_channels: int = 3, channels: int = 64, *, ca_reduction: int = 32,
                  aff_r: int = 4):
         super().__init__()
-        self.in_channels = _positive("in_channels", in_channels)
-        _positive("channels", channels)
+        self.in_channels = _int_arg("in_channels", in_channels)
+        _int_arg("channels", channels)
         self.conv1 = nn.Conv2d(in_channels, channels, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels, momentum=BN_MOMENTUM)
         self.conv2 = nn.Conv2d(channels, channels, 3, 2, 1, bias=False)
@@ -159,9 +162,9 @@ class SATransitionBlock(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *,
                  ca_reduction: int = 32, aff_r: int = 4):
-        _positive("in_channels", in_channels)
-        _positive("out_channels", out_channels)
-        if stride not in (1, 2):
+        _int_arg("in_channels", in_channels)
+        _int_arg("out_channels", out_channels)
+        if _int_arg("stride", stride) not in (1, 2):
             raise ValueError(f"stride: expected 1 or 2, got {stride!r}")
         layers: List[nn.Module] = []
         if in_channels != out_channels or stride != 1:
@@ -194,12 +197,10 @@ class SAUpSample(nn.Module):
                  se_reduction: int = DEFAULT_SAWF_SE_REDUCTION,
                  aff_r: int = DEFAULT_SAWF_AFF_R):
         super().__init__()
-        _positive("in_channels", in_channels)
-        _positive("out_channels", out_channels)
-        if not isinstance(scale_factor, int) or scale_factor < 2:
-            raise ValueError(f"scale_factor: expected an int ≥ 2, got {scale_factor!r}")
-        if placement not in SAWF_PLACEMENTS:
-            raise ValueError(f"placement: expected one of {SAWF_PLACEMENTS}, got {placement!r}")
+        _int_arg("in_channels", in_channels)
+        _int_arg("out_channels", out_channels)
+        _int_arg("scale_factor", scale_factor, minimum=2)
+        _check_placement(placement)
         self.in_channels = in_channels
         self.placement = placement
         self.add_module("0", nn.Conv2d(in_channels, out_channels, 1, 1, 0, bias=False))
@@ -233,11 +234,10 @@ class SADownSample(nn.Sequential):
                  placement: str = DEFAULT_SAWF_PLACEMENT,
                  se_reduction: int = DEFAULT_SAWF_SE_REDUCTION,
                  aff_r: int = DEFAULT_SAWF_AFF_R):
-        _positive("in_channels", in_channels)
-        _positive("out_channels", out_channels)
-        _positive("steps", steps)
-        if placement not in SAWF_PLACEMENTS:
-            raise ValueError(f"placement: expected one of {SAWF_PLACEMENTS}, got {placement!r}")
+        _int_arg("in_channels", in_channels)
+        _int_arg("out_channels", out_channels)
+        _int_arg("steps", steps)
+        _check_placement(placement)
         layers = []
         for k in range(steps):
             last = k == steps - 1
@@ -274,11 +274,18 @@ class SAFuseBlock(nn.ModuleList):
                  placement: str = DEFAULT_SAWF_PLACEMENT,
                  se_reduction: int = DEFAULT_SAWF_SE_REDUCTION,
                  aff_r: int = DEFAULT_SAWF_AFF_R):
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"channels: expected a sequence of branch widths, got "
+                            f"{type(channels).__name__} {channels!r}")
         channels = list(channels)
         if len(channels) < 2:
-            raise ValueError(f"channels: a fuse block needs ≥ 2 branches, got {channels}")
+            raise ValueError(f"channels: expected the widths of ≥ 2 branches, got {channels}")
         for c in channels:
-            _positive("channels", c)
+            _int_arg("channels", c)
+        if not isinstance(multi_scale_output, bool):
+            raise TypeError(f"multi_scale_output: expected a bool, got "
+                            f"{type(multi_scale_output).__name__} {multi_scale_output!r}")
+        _check_placement(placement)
         rows = []
         for i in range(len(channels) if multi_scale_output else 1):
             row: List[nn.Module | None] = []

@@ -40,9 +40,10 @@ from torch import nn
 
 from .._native import has_native, require_native
 from ._modules import is_1x1_conv
-from ..nn.reference import _check_aff_inputs, _check_input
+from ..nn.reference import SplitResplice, _check_aff_inputs, _check_input
 
 __all__ = [
+    "KERNEL_DTYPES",
     "NATIVE_OPS",
     "native_aff",
     "native_coord_pool",
@@ -50,6 +51,7 @@ __all__ = [
     "native_scaff",
     "native_sawf",
     "native_split_resplice",
+    "unsupported_reason",
 ]
 
 # Every op the extension defines (qualified names); the CUDA build check and the tests walk
@@ -882,6 +884,64 @@ def _global_logit_modules(aff, pooled: torch.Tensor) -> torch.Tensor:
     return _pooled_layers(aff.global_att[1:], pooled[:, :, None]).flatten(1)
 
 
+# ---------------------------------------------------------------------------------------
+# What the native kernels take: the one place nn/fast.py's dispatch asks
+# ---------------------------------------------------------------------------------------
+# Input dtypes of the compiled kernels per device type (csrc/common/checks.h:
+# check_cpu_dtype, check_cuda_dtype); parameters must have the input's dtype (check_like).
+# Under autocast, nn/fast.py hands the kernels inputs of the parameters' dtype.
+KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _split_resplice_reason(module) -> str | None:
+    """Why the split_resplice kernels cannot serve this module's configuration or mode."""
+    slopes = {float(step.negative_slope) for step in module.steps}
+    if len(slopes) != 1 or min(slopes) < 0:
+        return f"needs one negative_slope ≥ 0 for all steps, got {sorted(slopes)}"
+    if not module.training:
+        return None
+    steps = module.steps
+    if any(step.conv.bias is not None for step in steps):
+        return ("training mode expects the FC convolutions without bias (as SplitResplice "
+                "builds them)")
+    if not all(_bn_uses_batch_stats(step.bn) for step in steps):
+        return ("training mode with some step BNs in eval mode (frozen statistics) has no "
+                "native kernel")
+    eps = {float(step.bn.eps) for step in steps}
+    rates = {float(step.drop.p) if step.drop.training else 0.0 for step in steps}
+    if len(eps) != 1 or len(rates) != 1:
+        return (f"needs one BN eps and one dropout rate for all steps, got eps {sorted(eps)}, "
+                f"dropout {sorted(rates)}")
+    return None
+
+
+def unsupported_reason(module: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the native kernels cannot run ``module`` on ``x`` (its dtype against
+    :data:`KERNEL_DTYPES` and the parameters', a folded BN, the module's mode); None when they
+    can. Whether the extension loaded and has kernels for x's device is
+    :func:`saffnet_fast.backend.backend_unavailable_reason`'s answer."""
+    if getattr(module, "_bn_folded", False):
+        # optimize_for_inference folds BN inside a fused block only when the native backend
+        # does not serve it
+        return ("its BatchNorm layers were folded by optimize_for_inference and the native "
+                "kernels expect the BatchNorm modules")
+    allowed = KERNEL_DTYPES.get(x.device.type)
+    if allowed is not None and x.dtype not in allowed:
+        names = [str(d).replace("torch.", "") for d in allowed]
+        return (f"the {x.device.type.upper()} kernels take {', '.join(names[:-1])} or "
+                f"{names[-1]}, got {x.dtype}")
+    for name, p in module.named_parameters():
+        if p.dtype != x.dtype or p.device != x.device:
+            return (f"parameter {name} is {p.dtype} on {p.device} but the input is {x.dtype} "
+                    f"on {x.device}")
+    if isinstance(module, SplitResplice):
+        return _split_resplice_reason(module)
+    return None
+
+
 def native_coordinate_attention(module, x: torch.Tensor) -> torch.Tensor:
     """CoordAttention(x) = x·a_h·a_w with native pooling and scaling. Both modes: the only
     BN (bn1) acts on the pooled N×C×(H+W) tensor and runs through the module itself."""
@@ -1070,17 +1130,8 @@ def _split_resplice_train(module, x: torch.Tensor, slope: float) -> torch.Tensor
     update from the returned batch statistics."""
     steps = module.steps
     bns = [step.bn for step in steps]
-    if any(step.conv.bias is not None for step in steps):
-        raise NotImplementedError("native_split_resplice: training mode expects the FC "
-                                  "convolutions without bias (as SplitResplice builds them)")
-    if not all(_bn_uses_batch_stats(bn) for bn in bns):
-        raise NotImplementedError("native_split_resplice: training mode with some step BNs in "
-                                  "eval mode (frozen statistics) has no native kernel")
-    eps = {float(bn.eps) for bn in bns}
+    eps = {float(bn.eps) for bn in bns}  # one value each: native_split_resplice checked
     rates = {float(step.drop.p) if step.drop.training else 0.0 for step in steps}
-    if len(eps) != 1 or len(rates) != 1:
-        raise NotImplementedError("native_split_resplice: needs one BN eps and one dropout rate "
-                                  f"for all steps, got eps {eps}, dropout {rates}")
     n, _, h, w = x.shape
     count = n * h * w
     _check_batch_count(bns[0], count, x.shape)
@@ -1110,10 +1161,10 @@ def native_split_resplice(module, x: torch.Tensor) -> torch.Tensor:
     """
     require_native(x.device if isinstance(x, torch.Tensor) else None)
     _check_input(x, module.channels)
+    reason = _split_resplice_reason(module)
+    if reason is not None:
+        raise NotImplementedError(f"native_split_resplice: {reason}")
     slopes = {float(step.negative_slope) for step in module.steps}
-    if len(slopes) != 1 or min(slopes) < 0:
-        raise NotImplementedError(
-            f"native_split_resplice: needs one negative_slope ≥ 0 for all steps, got {slopes}")
     if module.training:
         return _split_resplice_train(module, x, slopes.pop())
     weights, biases = _folded_params(module, lambda: _fold_split_resplice(module))
