@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
         "input_size": [256, 192],      # height, width
         "backend": "auto",
         "dropout": None,               # None: the model's own default
-        "channels_last": False,
+        "channels_last": "auto",       # auto: on CUDA (cuDNN's fp16/bf16 tensor-core convs are NHWC)
         "extra": {},                   # passed to build_model as keyword arguments
         "pretrained": None,            # weights to start from (see engine.modeling.load_pretrained)
     },
@@ -52,7 +52,11 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "lr_steps": [170, 200],
         "lr_factor": 0.1,
-        "amp": None,                   # None | float16 | bfloat16
+        "amp": "auto",                 # auto | null | float16 | bfloat16 (auto: bfloat16 on a
+                                       # CUDA device that has it, else float16; null on the CPU)
+        "cudnn_benchmark": "auto",     # auto: on for CUDA unless train.deterministic
+        "compile": False,              # torch.compile the model (the fused ops stay custom ops)
+        "cuda_graph": False,           # capture the whole training step in one CUDA graph
         "deterministic": False,
         "device": "auto",              # auto | cpu | cuda | cuda:N
         "checkpoint_every_steps": 0,   # 0: at the end of each epoch only
@@ -160,8 +164,16 @@ def validate_config(config: dict) -> dict:
         dataset_type(data["type"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if train["amp"] not in (None, "float16", "bfloat16"):
-        raise ConfigError(f"train.amp: expected null, float16 or bfloat16, got {train['amp']!r}")
+    if train["amp"] not in (None, "auto", "float16", "bfloat16"):
+        raise ConfigError(f"train.amp: expected auto, null, float16 or bfloat16, got "
+                          f"{train['amp']!r}")
+    for section, key in (("model", "channels_last"), ("train", "cudnn_benchmark")):
+        if not (isinstance(config[section][key], bool) or config[section][key] == "auto"):
+            raise ConfigError(f"{section}.{key}: expected true, false or auto, got "
+                              f"{config[section][key]!r}")
+    for key in ("compile", "cuda_graph"):
+        if not isinstance(train[key], bool):
+            raise ConfigError(f"train.{key}: expected true or false, got {train[key]!r}")
     if test["decode"] not in ("argmax", "quarter", "dark"):
         raise ConfigError(f"test.decode: expected argmax, quarter or dark, got {test['decode']!r}")
     if int(train["batch_size"]) < 1 or int(train["epochs"]) < 1:

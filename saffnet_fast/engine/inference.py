@@ -20,7 +20,26 @@ from .evaluate import (COCO_STAT_NAMES, MPII_TABLE_COLUMNS, coco_keypoint_eval,
                        head_sizes_from_boxes, json_safe, mpii_pckh, rescore_and_nms)
 
 
+def resolve_amp(amp: str | None, device: torch.device | str) -> str | None:
+    """``train.amp`` for ``device``: ``auto`` is bfloat16 on a CUDA device that supports it
+    (no loss scaling needed), float16 on an older one, and off on the CPU, where
+    reduced-precision convolutions are slower than float32 without AMX."""
+    if amp != "auto":
+        return amp
+    if torch.device(device).type != "cuda":
+        return None
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+
+def resolve_flag(value: bool | str, device: torch.device | str) -> bool:
+    """A true/false/auto setting (``model.channels_last``, ``train.cudnn_benchmark``):
+    ``auto`` is on for CUDA. cuDNN's fp16/bf16 tensor-core convolutions take NHWC, and
+    benchmark mode picks the fastest algorithm per shape."""
+    return torch.device(device).type == "cuda" if value == "auto" else bool(value)
+
+
 def autocast_context(device: torch.device, amp: str | None):
+    amp = resolve_amp(amp, device)
     if not amp:
         return contextlib.nullcontext()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[amp]
@@ -181,5 +200,5 @@ def evaluate_model(model: torch.nn.Module, dataset: TopDownDataset, config: dict
         model, dataset, int(test["batch_size"]), device, bool(test["flip_test"]),
         bool(test["shift_heatmap"]), test["decode"], int(test["dark_kernel"]),
         config["train"].get("amp"), num_workers=int(config["data"]["num_workers"]),
-        channels_last=bool(config["model"]["channels_last"]), progress=progress)
+        channels_last=resolve_flag(config["model"]["channels_last"], device), progress=progress)
     return evaluate_predictions(predictions, dataset, test, output_dir)

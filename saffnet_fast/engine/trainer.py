@@ -28,7 +28,7 @@ from ..data.topdown import TopDownDataset
 from .checkpoint import (atomic_save, capture_rng_state, load_checkpoint, restore_rng_state,
                          save_safetensors)
 from .config import changed_settings, dump_config
-from .inference import autocast_context, evaluate_model
+from .inference import autocast_context, evaluate_model, resolve_amp, resolve_flag
 from .loss import JointsMSELoss
 from .modeling import first_names, load_pretrained
 
@@ -157,7 +157,7 @@ class Trainer:
         elif pretrained:
             self.log(f"model.pretrained {pretrained}: not loaded, the run resumes from "
                      f"{self.checkpoint_path}")
-        self.channels_last = bool(config["model"]["channels_last"])
+        self._set_up_device()
         model = model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -174,6 +174,11 @@ class Trainer:
                 self._owns_process_group = True
             self.ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.train_cfg["compile"]:
+            # reduce-overhead: torch.compile captures forward and backward in CUDA graphs
+            # itself (the optimizer step stays eager)
+            self.ddp_model = torch.compile(
+                self.ddp_model, mode="reduce-overhead" if self.cuda_graph else None)
         self.train_set = train_set
         self.val_set = val_set
         self.criterion = JointsMSELoss(use_target_weight=True)
@@ -181,8 +186,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=[int(s) for s in self.train_cfg["lr_steps"]],
             gamma=float(self.train_cfg["lr_factor"]))
-        self.amp = self.train_cfg["amp"]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "float16")
+        self._graphed_step: GraphedTrainStep | None = None
         self.sampler = ResumableSampler(len(train_set), seed=int(config["seed"]), shuffle=True,
                                         rank=self.rank, world_size=self.world_size)
         self.batch_size = int(self.train_cfg["batch_size"])
@@ -198,6 +203,39 @@ class Trainer:
         self._log_started = False
         if resume_state is not None:
             self._restore(resume_state, self.checkpoint_path)
+
+    def _set_up_device(self) -> None:
+        """Resolve the ``auto`` settings for this device and check the CUDA-graph ones; on
+        CUDA that is what a GPU user expects by default: AMP (bfloat16 where the GPU has it,
+        float16 with the GradScaler otherwise), channels_last, cudnn.benchmark."""
+        cfg = self.train_cfg
+        self.amp = resolve_amp(cfg["amp"], self.device)
+        self.channels_last = resolve_flag(self.config["model"]["channels_last"], self.device)
+        benchmark = (resolve_flag(cfg["cudnn_benchmark"], self.device)
+                     and not bool(cfg["deterministic"]))
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = benchmark
+        self.cuda_graph = bool(cfg["cuda_graph"])
+        if self.cuda_graph:
+            why = None
+            if self.device.type != "cuda":
+                why = f"it needs a CUDA device, got {self.device}"
+            elif self.amp == "float16":
+                why = ("float16 AMP's GradScaler checks for infinities on the host every step; "
+                       "use train.amp=bfloat16 or null")
+            elif self.world_size > 1:
+                why = "capturing a DistributedDataParallel step is not supported"
+            elif cfg["optimizer"] not in ("adam", "adamw") and not cfg["compile"]:
+                why = (f"train.optimizer {cfg['optimizer']!r} has no capturable form; use adam "
+                       "or adamw")
+            if why:
+                raise ValueError(f"train.cuda_graph: {why}")
+        if self.device.type == "cuda" and self.is_main:
+            self.log(f"{self.device}: AMP {self.amp or 'off'}, "
+                     f"{'channels_last' if self.channels_last else 'NCHW'}, cudnn.benchmark "
+                     f"{'on' if benchmark else 'off'}"
+                     + (", torch.compile" if cfg["compile"] else "")
+                     + (", CUDA graph" if self.cuda_graph else ""))
 
     def close(self) -> None:
         """Release the distributed process group if this Trainer created it (idempotent).
@@ -298,6 +336,13 @@ class Trainer:
         name = self.train_cfg["optimizer"]
         lr, wd = float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"])
         params = self.model.parameters()
+        if self.cuda_graph and name in ("adam", "adamw"):
+            # A captured step replays its kernels with the values they were captured with: the
+            # learning rate lives in a device tensor the scheduler fills in place, and the
+            # optimizer keeps its step count on the device (capturable).
+            cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+            return cls(params, lr=torch.tensor(lr, device=self.device), weight_decay=wd,
+                       capturable=True)
         if name == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=wd)
         if name == "adamw":
@@ -354,7 +399,7 @@ class Trainer:
         """Apply the settings that changed since the checkpoint (the others were refused)."""
         if any(key in SCHEDULE_KEYS for key, _, _ in changes):
             self._rebuild_schedule()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = float(self.optimizer.param_groups[0]["lr"])
         for key, old, new in changes:
             if key in SCHEDULE_KEYS:
                 how = (f"the optimizer and scheduler follow the new schedule: lr {lr:.3g} in "
@@ -388,7 +433,10 @@ class Trainer:
         self.scheduler._last_lr = [current] * len(groups)  # what get_last_lr() reports
         for group in groups:
             group["initial_lr"] = lr
-            group["lr"] = current
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(current)  # a captured step reads this tensor
+            else:
+                group["lr"] = current
 
     # ------------------------------------------------------------------ loop
     def _loader(self, epoch: int) -> DataLoader:
@@ -409,8 +457,12 @@ class Trainer:
     def _drops_last_batch(self) -> bool:
         """A trailing batch of a single sample is dropped: BatchNorm cannot train on one value
         per channel (AFF's global branch normalises N pooled 1×1 maps, so N = 1 raises).
-        Any larger remainder is kept, as in the official HRNet loader."""
-        return self.batch_size > 1 and self.sampler.per_rank % self.batch_size == 1
+        Any larger remainder is kept, as in the official HRNet loader, except under a CUDA
+        graph, which is captured for one batch shape."""
+        remainder = self.sampler.per_rank % self.batch_size
+        if self.cuda_graph and not self.train_cfg["compile"]:
+            return remainder != 0
+        return self.batch_size > 1 and remainder == 1
 
     def _steps_per_epoch(self) -> int:
         if self._drops_last_batch():
@@ -506,23 +558,35 @@ class Trainer:
             raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
+    def _loss(self, images, targets, weights) -> torch.Tensor:
+        with autocast_context(self.device, self.amp):
+            output = self.ddp_model(images)
+            if isinstance(output, (list, tuple)):
+                output = output[-1]
+        return self.criterion(output.float(), targets, weights)
+
+    def _check_finite(self, value: float) -> None:
+        if not math.isfinite(value):
+            raise NonFiniteLossError(
+                f"non-finite training loss {value} at epoch {self.epoch + 1}, step "
+                f"{self.global_step + 1} (step {self.step_in_epoch + 1} of the epoch; both "
+                "counted from 1); lower train.lr, try train.amp=null, or check the data")
+
     def train_step(self, images, targets, weights) -> float:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         targets = targets.to(self.device, non_blocking=True)
         weights = weights.to(self.device, non_blocking=True)
-        with autocast_context(self.device, self.amp):
-            output = self.ddp_model(images)
-            if isinstance(output, (list, tuple)):
-                output = output[-1]
-        loss = self.criterion(output.float(), targets, weights)
+        if self.cuda_graph and not self.train_cfg["compile"]:
+            if self._graphed_step is None or not self._graphed_step.fits(images):
+                self._graphed_step = GraphedTrainStep(self, images, targets, weights)
+            value = self._graphed_step.replay(images, targets, weights)
+            self._check_finite(value)  # after the update: a replay cannot stop half-way
+            return value
+        loss = self._loss(images, targets, weights)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"non-finite training loss {value} at epoch {self.epoch + 1}, step "
-                f"{self.global_step + 1} (step {self.step_in_epoch + 1} of the epoch; both "
-                "counted from 1); lower train.lr, try train.amp=null, or check the data")
+        self._check_finite(value)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -564,7 +628,7 @@ class Trainer:
                                     initial=self.step_in_epoch, total=self._steps_per_epoch(),
                                     leave=False, dynamic_ncols=True)
                 epoch_start, epoch_losses, images_seen = time.time(), [], 0
-                lr = self.optimizer.param_groups[0]["lr"]
+                lr = float(self.optimizer.param_groups[0]["lr"])
                 for images, targets, weights in iterator:
                     loss = self.train_step(images, targets, weights)
                     losses.append(loss)
@@ -673,3 +737,78 @@ class Trainer:
         if "pckh" in metrics:
             return f"PCKh@0.5 mean {metrics['pckh']['Mean']:.2f}"
         return str(metrics)
+
+
+class GraphedTrainStep:
+    """The whole training step (forward, loss, backward, optimizer step) captured in one CUDA
+    graph for one batch shape, then replayed: one launch of ~2k kernels per step instead of
+    ~2k launches from Python (``train.cuda_graph``; the pattern of PyTorch's "whole network
+    capture").
+
+    Capturing needs a few real steps first (cuDNN autotuning, lazy optimizer state, the
+    graph's memory pool), on a side stream; they run on the first batch, so the model,
+    optimizer and RNG states from before them are put back, in place (the graph holds those
+    tensors' addresses), and the first replay is the run's first real step. Everything the
+    step reads from the host is on the device: the learning rate (a tensor the scheduler
+    fills), Adam's step count (``capturable``) and the dropout RNG of the fused ops.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, trainer: Trainer, images, targets, weights):
+        self.trainer = trainer
+        self.inputs = [t.detach().clone() for t in (images, targets, weights)]
+        model, optimizer = trainer.model, trainer.optimizer
+        saved = self._snapshot(model, optimizer)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_STEPS):
+                optimizer.zero_grad(set_to_none=True)
+                trainer._loss(*self.inputs).backward()
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)  # backward allocates .grad from the graph's pool
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = trainer._loss(*self.inputs)
+            self.loss.backward()
+            optimizer.step()
+        self._restore(model, optimizer, saved)
+
+    @staticmethod
+    def _snapshot(model, optimizer) -> dict:
+        return {"model": [t.detach().clone() for t in _state_tensors(model)],
+                "optimizer": {id(p): {k: (v.clone() if torch.is_tensor(v) else v)
+                                      for k, v in st.items()}
+                              for p, st in optimizer.state.items()},
+                "cuda_rng": torch.cuda.get_rng_state(), "cpu_rng": torch.get_rng_state()}
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(model, optimizer, saved: dict) -> None:
+        for tensor, value in zip(_state_tensors(model), saved["model"]):
+            tensor.copy_(value)
+        for p, state in optimizer.state.items():
+            before = saved["optimizer"].get(id(p))
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    # state the warm-up created starts at zero, as a fresh optimizer's would
+                    value.copy_(before[key]) if before is not None else value.zero_()
+        torch.cuda.set_rng_state(saved["cuda_rng"])
+        torch.set_rng_state(saved["cpu_rng"])
+
+    def fits(self, images: torch.Tensor) -> bool:
+        return images.shape == self.inputs[0].shape and images.dtype == self.inputs[0].dtype
+
+    def replay(self, images, targets, weights) -> float:
+        for static, batch in zip(self.inputs, (images, targets, weights)):
+            static.copy_(batch, non_blocking=True)
+        self.graph.replay()
+        return float(self.loss)
+
+
+def _state_tensors(model: torch.nn.Module):
+    """Every parameter and buffer (BN running statistics, batch counters) of ``model``."""
+    yield from model.parameters()
+    yield from model.buffers()
