@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -16,7 +17,7 @@ EXPECTED_META = {"device", "device_name", "cpu_model", "cpu_cores", "torch", "sa
                  "date", "git_commit", "available_backends"}
 EXPECTED_RECORD = {"section", "model", "provider", "backend", "dtype", "batch", "input_size",
                    "status", "reason", "median_s", "images_per_s", "speedup_vs_eager",
-                   "speedup_vs_compile"}
+                   "speedup_vs_compile", "max_abs_diff_vs_eager"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,8 @@ def test_bench_json_has_expected_keys_and_positive_throughputs(tiny_run):
         if rec["provider"] == "eager":
             assert rec["speedup_vs_eager"] == pytest.approx(1.0)
         assert rec["speedup_vs_compile"] is None  # compile was not requested
+        if rec["section"] == "inference" and rec["provider"] == "fast":
+            assert 0.0 <= rec["max_abs_diff_vs_eager"] < 1e-3  # checked before timing
 
     # CUDA graphs cannot run on the CPU: recorded as skipped with the reason, not dropped.
     skipped = [r for r in records if r["provider"] == "fast_optimized_cudagraphs"]
@@ -170,3 +173,108 @@ def test_fast_optimized_compile_provider_wraps_the_optimized_model():
     with pytest.raises(bench.ProviderUnavailable, match="inference only"):
         _model_factory("fast_optimized_compile", cfg, torch.device("cpu"), torch.float32,
                        example, training=True, weights={})
+
+
+def _bench_json(argv, capsys) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        code = main(["bench", "--tiny", "--device", "cpu", "--threads", "1", "--no-train",
+                     "--batch", "1", "--no-save", "--json", *argv])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code in (0, 1), out
+    return json.loads(out)
+
+
+def test_runtime_and_freezing_providers_are_accepted():
+    import argparse
+
+    from saffnet_fast.cli import bench as bench_cli
+
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    cfg = bench_cli._config(parser.parse_args(
+        ["--tiny", "--device", "cpu", "--providers", "eager, onnxruntime,openvino,"
+         "compile_freezing"]))
+    assert cfg.providers == ("eager", "onnxruntime", "openvino", "compile_freezing")
+    assert cfg.preset == "tiny-custom"
+
+
+@pytest.mark.parametrize("package, extra", [("onnxruntime", "export"),
+                                            ("openvino", "openvino")])
+def test_missing_runtime_is_skipped_with_the_pip_command(package, extra, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, package, None)  # import now raises ImportError
+    result = _bench_json(["--providers", f"eager,{package}"], capsys)
+    (rec,) = [r for r in result["results"] if r["provider"] == package]
+    assert rec["status"] == "skipped"
+    assert f'pip install "saffnet_fast[{extra}]"' in rec["reason"]
+    assert result["meta"]["runtimes"][package] is None
+
+
+def test_a_provider_whose_output_differs_from_eager_is_an_error_not_a_time(monkeypatch,
+                                                                          capsys):
+    from saffnet_fast.bench import models
+
+    factory = models._model_factory
+
+    def off_by_one(provider, *args, **kwargs):
+        model, backend = factory(provider, *args, **kwargs)
+        if provider != "fast":
+            return model, backend
+        model.eval()  # the bench calls eval() on modules only
+        return (lambda x: model(x) + 1.0), backend
+
+    monkeypatch.setattr(models, "_model_factory", off_by_one)
+    result = _bench_json(["--providers", "eager,fast"], capsys)
+    (rec,) = [r for r in result["results"] if r["provider"] == "fast"]
+    assert rec["status"] == "error" and rec["median_s"] is None
+    assert "differs from eager's" in rec["reason"]
+
+
+@pytest.mark.slow
+def test_runtime_providers_run_one_export_checked_against_eager(monkeypatch, capsys):
+    pytest.importorskip("onnx", reason='onnx not installed: pip install "saffnet_fast[export]"')
+    pytest.importorskip("onnxruntime",
+                        reason='onnxruntime not installed: pip install "saffnet_fast[export]"')
+    pytest.importorskip("openvino",
+                        reason='openvino not installed: pip install "saffnet_fast[openvino]"')
+    from saffnet_fast.bench import models
+
+    exported = []
+    export = models.export_onnx_file
+
+    def counting_export(model, input_size, path, opset=17):
+        exported.append((tuple(input_size), opset))
+        return export(model, input_size, path, opset)
+
+    monkeypatch.setattr(models, "export_onnx_file", counting_export)
+    result = _bench_json(["--providers", "onnxruntime,openvino", "--batch", "1,2"], capsys)
+    assert exported == [((64, 64), 17)]  # one file for both runtimes and both batches
+    records = result["results"]
+    assert [(r["provider"], r["batch"], r["status"]) for r in records] == [
+        ("onnxruntime", 1, "ok"), ("openvino", 1, "ok"),
+        ("onnxruntime", 2, "ok"), ("openvino", 2, "ok")]
+    for rec in records:
+        assert 0.0 <= rec["max_abs_diff_vs_eager"] < 1e-4 and rec["backend"] == "onnx"
+    assert result["meta"]["runtimes"]["openvino"] and result["meta"]["runtimes"]["onnxruntime"]
+
+
+def test_compile_freezing_provider_compiles_the_channels_last_reference():
+    """compile_freezing = the reference, eval, channels_last, under torch.compile with
+    inductor's freezing (built, not run: compiling takes minutes on a small CPU)."""
+    from saffnet_fast import bench
+    from saffnet_fast.bench.models import _model_factory
+
+    cfg = bench.ModelBenchConfig.preset_config("tiny", "cpu")
+    example = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model, backend = _model_factory("compile_freezing", cfg, torch.device("cpu"),
+                                    torch.float32, example, training=False, weights={})
+    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+    assert backend == "reference" and not model._orig_mod.training
+    conv = next(m for m in model._orig_mod.modules() if isinstance(m, torch.nn.Conv2d)
+                and m.kernel_size == (3, 3))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(bench.ProviderUnavailable, match="inference only"):
+        _model_factory("compile_freezing", cfg, torch.device("cpu"), torch.float32, example,
+                       training=True, weights={})

@@ -1,11 +1,15 @@
 """Whole-model speed, ``saffnet bench``: inference throughput and a mixed-precision
 training step of SAFFNet, reference eager vs ``torch.compile`` vs the fast model (and after
-``optimize_for_inference``), with HRNet-W32 for context; :func:`run_model_bench` returns the
-records with their speedup ratios.
+``optimize_for_inference``) vs the runtimes it is deployed with (ONNX Runtime, OpenVINO),
+with HRNet-W32 for context; :func:`run_model_bench` returns the records with their speedup
+ratios. Every inference provider's output is checked against eager's on the same input
+before it is timed: a provider that computes something else is recorded as an error.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import warnings
 from typing import Callable
 
@@ -14,6 +18,7 @@ from torch import nn
 
 from ..backend import resolve_backend
 from ..convert import optimize_for_inference
+from ..engine.runtime import RuntimeUnavailable, export_onnx_file, load_runtime, require
 from ..models import build_model
 from .machine import machine_info
 from .results import RESULT_SCHEMA, ProviderUnavailable, error_text, parse_dtype
@@ -21,15 +26,26 @@ from .timing import measure_peak_memory, raise_compile_limits, time_callable
 
 __all__ = ["MODEL_PROVIDERS", "ModelBenchConfig", "run_model_bench", "calibrate_batchnorm_"]
 
-# eager: reference modules, eager; compile: the same under torch.compile; fast: backend
-# 'auto' (native / triton where they run); fast_optimized: fast after
+# eager: reference modules, eager; compile: the same under torch.compile; compile_freezing:
+# the reference, channels_last, under torch.compile with inductor's freezing (weights become
+# constants: BN folded into the convolutions, oneDNN weights prepacked once; inference only);
+# fast: backend 'auto' (native / triton where they run); fast_optimized: fast after
 # optimize_for_inference; fast_optimized_cudagraphs: the same with CUDA graphs (GPU only);
 # fast_optimized_compile: fast_optimized under torch.compile (the fused ops stay opaque
 # custom ops, inductor compiles the HRNet convolutions and everything between them);
+# onnxruntime / openvino: the reference exported to ONNX (opset 17, once per model and input
+# size) in ONNX Runtime's CPU provider / OpenVINO's CPU plugin with an f32 hint (CPU,
+# float32; optional extras, skipped with the pip command when missing);
 # hrnet_w32: the baseline HRNet-W32, eager, for context.
-MODEL_PROVIDERS = ("eager", "compile", "fast", "fast_optimized", "fast_optimized_cudagraphs",
-                   "fast_optimized_compile", "hrnet_w32")
-_COMPILED_PROVIDERS = ("compile", "fast_optimized_compile")
+MODEL_PROVIDERS = ("eager", "compile", "compile_freezing", "fast", "fast_optimized",
+                   "fast_optimized_cudagraphs", "fast_optimized_compile", "onnxruntime",
+                   "openvino", "hrnet_w32")
+_COMPILED_PROVIDERS = ("compile", "compile_freezing", "fast_optimized_compile")
+_RUNTIME_PROVIDERS = ("onnxruntime", "openvino")
+# Inputs fed channels_last: the layout these providers convert the model to.
+_CHANNELS_LAST_PROVIDERS = ("compile_freezing", "fast_optimized", "fast_optimized_cudagraphs",
+                            "fast_optimized_compile")
+ONNX_OPSET = 17
 _TRAIN_PROVIDERS = ("eager", "compile", "fast", "hrnet_w32")
 
 
@@ -109,11 +125,12 @@ def _calibrated_weights(name: str, cfg: ModelBenchConfig) -> dict:
 
 def _model_factory(provider: str, cfg: ModelBenchConfig, dev: torch.device,
                    dtype: torch.dtype, example: torch.Tensor, training: bool,
-                   weights: dict):
+                   weights: dict, exports: dict | None = None):
     """(model, resolved backend) for one provider; raises ProviderUnavailable.
 
     ``weights`` maps a model name to its calibrated state dict: every provider of one model
-    runs the same weights.
+    runs the same weights. ``exports`` (the runtimes' providers) holds ``"dir"``, a folder for
+    the ONNX files, and each exported file by (model, input size): one export per run.
     """
     def build(name, backend):
         if name not in weights:
@@ -130,6 +147,18 @@ def _model_factory(provider: str, cfg: ModelBenchConfig, dev: torch.device,
             raise_compile_limits()
             model = torch.compile(model)
         return model, "reference"
+    if provider == "compile_freezing":
+        if training:
+            raise ProviderUnavailable(f"{provider}: inference only (freezing turns the weights "
+                                      "into constants)")
+        model = build(cfg.model, "reference").eval().to(memory_format=torch.channels_last)
+        raise_compile_limits()
+        # options= patches inductor's config for this compilation only (the global
+        # torch._inductor.config.freezing stays as the caller set it); freezing applies to
+        # graphs compiled without grad, as the timed calls run (inference_mode).
+        return torch.compile(model, options={"freezing": True}), "reference"
+    if provider in _RUNTIME_PROVIDERS:
+        return _runtime_provider(provider, cfg, dev, dtype, training, build, exports), "onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # auto's fallback note: recorded below
         resolved = resolve_backend("auto", dev)
@@ -149,6 +178,32 @@ def _model_factory(provider: str, cfg: ModelBenchConfig, dev: torch.device,
     return model, resolved
 
 
+def _runtime_provider(provider, cfg, dev, dtype, training, build, exports):
+    """ONNX Runtime or OpenVINO on the reference's ONNX export (made once per model and
+    input size, from the same calibrated weights as every other provider)."""
+    if training:
+        raise ProviderUnavailable(f"{provider}: inference only")
+    if dev.type != "cpu":
+        raise ProviderUnavailable(f"{provider}: benchmarked on the CPU only")
+    if dtype != torch.float32:
+        raise ProviderUnavailable(f"{provider}: float32 only")
+    try:
+        require(provider)
+        require("onnx", "needed to export the model to ONNX")
+    except RuntimeUnavailable as exc:
+        raise ProviderUnavailable(str(exc)) from None
+    if exports is None or "dir" not in exports:
+        raise ValueError("exports: the runtimes' providers need a folder for the ONNX file")
+    key = (cfg.model, tuple(cfg.input_size))
+    if key not in exports:
+        model = build(cfg.model, "reference").to("cpu", torch.float32).eval()
+        path = os.path.join(exports["dir"], f"{cfg.model}-{key[1][0]}x{key[1][1]}.onnx")
+        exports[key] = export_onnx_file(model, cfg.input_size, path, opset=ONNX_OPSET)
+    # The same intra-op thread count as torch (set by --threads before this runs).
+    return load_runtime(provider, exports[key], input_size=cfg.input_size,
+                        threads=torch.get_num_threads())
+
+
 def _record(section, provider, backend, dtype_name, batch, cfg, timing=None, memory=None,
             status="ok", reason=None) -> dict:
     rec = {
@@ -165,6 +220,7 @@ def _record(section, provider, backend, dtype_name, batch, cfg, timing=None, mem
         "iqr_s": None,
         "samples": None,
         "images_per_s": None,
+        "max_abs_diff_vs_eager": None,
     }
     if timing is not None:
         rec.update(timing)
@@ -175,10 +231,11 @@ def _record(section, provider, backend, dtype_name, batch, cfg, timing=None, mem
 
 
 def _measure(section, provider, precision, batch, cfg, dev, log, label, prepare) -> dict:
-    """Time the callable that ``prepare(found)`` builds (it may set ``found["backend"]``) and
-    return its record; a provider that cannot run is recorded as skipped, any other failure
-    as an error. Compiled graphs are freed afterwards so the next provider starts clean."""
-    found = {"backend": None}
+    """Time the callable that ``prepare(found)`` builds (it may set ``found["backend"]`` and
+    ``found["max_abs_diff_vs_eager"]``) and return its record; a provider that cannot run is
+    recorded as skipped, any other failure as an error. Compiled graphs are freed afterwards
+    so the next provider starts clean."""
+    found = {"backend": None, "max_abs_diff_vs_eager": None}
     try:
         call = prepare(found)
         timing = time_callable(call, dev, warmup=cfg.warmup, min_run_time=cfg.min_run_time,
@@ -197,25 +254,79 @@ def _measure(section, provider, precision, batch, cfg, dev, log, label, prepare)
             torch._dynamo.reset()
     log(f"  {section:9s} {provider:26s} {precision:8s} b{batch:<3d} "
         f"{timing['median_s'] * 1e3:10.2f} ms  {batch / timing['median_s']:9.1f} img/s")
-    return _record(section, provider, found["backend"], precision, batch, cfg, timing, memory)
+    rec = _record(section, provider, found["backend"], precision, batch, cfg, timing, memory)
+    rec["max_abs_diff_vs_eager"] = found["max_abs_diff_vs_eager"]
+    return rec
 
 
-def _bench_inference(cfg, dev, dtype_name, batch, provider, log, weights) -> dict:
+def _parity_bound(dtype: torch.dtype, dev: torch.device) -> float:
+    """Largest |provider - eager| accepted, as a fraction of eager's largest |output|.
+
+    float32 on the CPU: summation order and BN folding differ between providers (~1e-5 of
+    the peak seen); a wrong or missing operator is off by the order of the peak itself.
+    float32 on CUDA: cuDNN runs convolutions in TF32 by default (~1e-3). Half precision:
+    ~1e-2 from rounding each layer's output."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return 5e-2
+    return 1e-3 if dev.type == "cpu" else 1e-2
+
+
+def _check_against_eager(output, expected: torch.Tensor, bound: float) -> float:
+    """max |output - expected|; raises RuntimeError when above ``bound`` × peak or not
+    finite, so the provider is recorded as an error instead of timed."""
+    if isinstance(output, (list, tuple)):
+        output = output[-1]
+    if tuple(output.shape) != tuple(expected.shape):
+        raise RuntimeError(f"output shape {tuple(output.shape)}, eager's "
+                           f"{tuple(expected.shape)}")
+    diff = float((output.float() - expected.float()).abs().max())
+    peak = float(expected.float().abs().max())
+    if not diff <= bound * max(peak, 1e-6):  # also catches NaN
+        raise RuntimeError(f"output differs from eager's by {diff:.3g} (max |eager| "
+                           f"{peak:.3g}, bound {bound:g} of it)")
+    return diff
+
+
+def _bench_inference(cfg, dev, dtype_name, batch, provider, log, weights,
+                     exports: dict | None = None, expected: dict | None = None) -> dict:
+    """``expected`` caches, per (dtype, batch), the input and eager's output on it, which
+    every other provider of the model is checked against before it is timed."""
     dtype = parse_dtype(dtype_name)
     h, w = cfg.input_size
+    expected = {} if expected is None else expected
+
+    def reference():
+        key = (dtype_name, batch)
+        if key not in expected:
+            gen = torch.Generator().manual_seed(batch)
+            x = torch.randn(batch, 3, h, w, generator=gen).to(dev, dtype)
+            eager, _ = _model_factory("eager", cfg, dev, dtype, x, training=False,
+                                      weights=weights)
+            with torch.inference_mode():
+                expected[key] = (x, eager.eval()(x))
+        return expected[key]
 
     def prepare(found):
-        x = torch.randn(batch, 3, h, w, device=dev, dtype=dtype)
-        if provider.startswith("fast_optimized"):
-            # optimize_for_inference switches the model to channels_last: feed it that way.
+        x, want = reference()
+        if provider in _CHANNELS_LAST_PROVIDERS:
+            # These providers switch the model to channels_last: feed it that way.
             x = x.contiguous(memory_format=torch.channels_last)
         model, found["backend"] = _model_factory(provider, cfg, dev, dtype, x,
-                                                 training=False, weights=weights)
-        model.eval()
+                                                 training=False, weights=weights,
+                                                 exports=exports)
+        if isinstance(model, nn.Module):
+            model.eval()
 
         def call():
             with torch.inference_mode():
                 return model(x)
+
+        # eager is the reference itself; hrnet_w32 is another network.
+        if provider not in ("eager", "hrnet_w32"):
+            # The first call also compiles (compiled providers) inside the same
+            # inference_mode as the timed calls, so no second graph is made.
+            found["max_abs_diff_vs_eager"] = _check_against_eager(
+                call(), want, _parity_bound(dtype, dev))
         return call
 
     return _measure("inference", provider, dtype_name, batch, cfg, dev, log,
@@ -276,6 +387,17 @@ def _add_speedups(records: list[dict]) -> None:
                 rec[key] = ref["median_s"] / rec["median_s"] if ok else None
 
 
+def _runtime_versions() -> dict:
+    """Installed ONNX Runtime / OpenVINO versions (None when absent), for the record."""
+    versions = {}
+    for name in _RUNTIME_PROVIDERS:
+        try:
+            versions[name] = getattr(require(name), "__version__", "unknown")
+        except RuntimeUnavailable:
+            versions[name] = None
+    return versions
+
+
 def run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = None,
                     on_partial: Callable[[dict], None] | None = None) -> dict:
     """Time every requested provider; return ``{"schema", "meta", "config", "results"}``.
@@ -325,19 +447,28 @@ def _run_model_bench(cfg: ModelBenchConfig, log: Callable[[str], None] | None = 
                         "meta": meta, "config": config, "results": rows})
 
     torch.manual_seed(0)
+    exports: dict = {}
+    expected: dict = {}
+    if any(p in _RUNTIME_PROVIDERS for p in cfg.providers):
+        meta["runtimes"] = _runtime_versions()
     # The fast modules warn (once per process) when a block falls back to the reference
     # path; keep those lines in the record: they say what "fast" actually ran.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        for dtype_name in cfg.dtypes:
-            for batch in cfg.batches:
-                for provider in cfg.providers:
-                    record(_bench_inference(cfg, dev, dtype_name, batch, provider,
-                                            log, weights))
+        with tempfile.TemporaryDirectory(prefix="saffnet-bench-onnx-") as folder:
+            exports["dir"] = folder
+            for dtype_name in cfg.dtypes:
+                for batch in cfg.batches:
+                    for provider in cfg.providers:
+                        record(_bench_inference(cfg, dev, dtype_name, batch, provider,
+                                                log, weights, exports, expected))
+                    expected.pop((dtype_name, batch), None)  # free this batch's outputs
         if cfg.train:
             for provider in cfg.providers:
                 if provider in _TRAIN_PROVIDERS:
                     record(_bench_training(cfg, dev, provider, log, weights))
+    # With machine_info's load_average_1m at the start: what else ran during the timings.
+    meta["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     notes = []
     for w in caught:
         text = str(w.message).splitlines()[0][:400]

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-HELP = "speed table: reference, torch.compile, fast backends"
+HELP = "speed table: reference, torch.compile, fast backends, ONNX Runtime, OpenVINO"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "model-<device>-<preset>-<date>.json when run from a checkout)")
     parser.add_argument("--no-save", action="store_true", help="do not write a JSON file")
     parser.add_argument("--providers", default=None,
-                        help="comma-separated subset of: eager, compile, fast, fast_optimized, "
-                             "fast_optimized_cudagraphs, fast_optimized_compile, hrnet_w32")
+                        help="comma-separated subset of: eager, compile, compile_freezing, "
+                             "fast, fast_optimized, fast_optimized_cudagraphs, "
+                             "fast_optimized_compile, onnxruntime, openvino, hrnet_w32 "
+                             '(onnxruntime: pip install "saffnet_fast[export]"; openvino: '
+                             'pip install "saffnet_fast[openvino]")')
     parser.add_argument("--batch", default=None, metavar="N[,N...]",
                         help="inference batch sizes (comma-separated)")
     parser.add_argument("--train-batch", type=int, default=None, metavar="N",

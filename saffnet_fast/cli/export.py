@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 from . import checks
 
@@ -31,12 +30,11 @@ def export_onnx(model, input_size, path: str, opset: int = 17, check: bool = Tru
     import numpy as np
     import torch
 
+    from saffnet_fast.engine.runtime import export_onnx_file
+
     model = model.eval()
     example = torch.randn(2, 3, int(input_size[0]), int(input_size[1]))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.onnx.export(model, (example,), path, dynamo=False, input_names=["image"],
-                      output_names=["heatmaps"], opset_version=opset,
-                      dynamic_axes={"image": {0: "batch"}, "heatmaps": {0: "batch"}})
+    export_onnx_file(model, input_size, path, opset)
     report = {"onnx": path, "checked": False}
     if check:
         try:

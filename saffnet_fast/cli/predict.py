@@ -47,6 +47,29 @@ def add_arguments(parser):
     parser.add_argument("--device", default="cpu", type=checks.device, help="cpu, cuda, cuda:N")
     parser.add_argument("--no-flip", action="store_true", help="disable the flip test")
     parser.add_argument("--decode", default="quarter", choices=("argmax", "quarter", "dark"))
+    parser.add_argument("--runtime", default="torch", choices=("torch", "onnxruntime", "openvino"),
+                        help="what runs the model (default torch); onnxruntime and openvino run "
+                             "the checkpoint's model exported to ONNX (or --onnx) on the CPU: "
+                             'pip install "saffnet_fast[export]" / "saffnet_fast[openvino]"')
+    parser.add_argument("--onnx", metavar="FILE", type=checks.existing_file,
+                        help="with --runtime onnxruntime|openvino: this ONNX file (saffnet "
+                             "export --onnx) instead of exporting the checkpoint's model")
+
+
+def _check_runtime(args) -> None:
+    """A missing package or a GPU device is refused in one line before the model loads."""
+    import importlib.util
+
+    if args.device != "cpu":
+        raise checks.UsageError(f"--runtime {args.runtime}: runs on the CPU; drop --device "
+                                f"{args.device}")
+    needed = [(args.runtime, "export" if args.runtime == "onnxruntime" else "openvino")]
+    if not args.onnx:  # exporting the checkpoint's model needs onnx
+        needed.append(("onnx", "export"))
+    for package, extra in needed:
+        if importlib.util.find_spec(package) is None:
+            raise checks.UsageError(f"--runtime {args.runtime}: {package} is not installed; "
+                                    f'install with: pip install "saffnet_fast[{extra}]"')
 
 
 def run(args) -> int:
@@ -56,14 +79,23 @@ def run(args) -> int:
     if args.annotations and not args.boxes:
         raise checks.UsageError("--annotations: only used with --boxes (COCO detection "
                                 "results), got --whole-image")
+    if args.onnx and args.runtime == "torch":
+        raise checks.UsageError("--onnx: only used with --runtime onnxruntime or openvino")
+    if args.runtime != "torch":
+        _check_runtime(args)
     # Clashing outputs and missing or malformed boxes are refused before the model loads.
     plans = plan_outputs(args.images, args.out)
     boxes = load_boxes(args.boxes, args.annotations) if args.boxes else None
     if boxes is not None:
         assign_boxes(plans, boxes, args.box_score_threshold)
     config = load_config(args.config) if args.config else None
+    # Another runtime runs the ONNX export of the plain PyTorch modules (the fused kernels
+    # are not ONNX operators).
     predictor = Predictor.from_checkpoint(args.checkpoint, config, args.device,
+                                          backend=None if args.runtime == "torch" else "reference",
                                           flip_test=not args.no_flip, decode=args.decode)
+    if args.runtime != "torch":
+        predictor.use_runtime(args.runtime, args.onnx)
     written = predictor.predict_files(args.images, args.out, boxes, args.whole_image,
                                       box_score_threshold=args.box_score_threshold)
     for item in written:

@@ -275,6 +275,7 @@ class Predictor:
         self.device = torch.device(device)
         self.flip_test = flip_test
         self.decode = decode
+        self.forward = self.model  # what predict() calls: the model, or a runtime (use_runtime)
         self._warned_nonfinite = False
 
     @classmethod
@@ -295,6 +296,20 @@ class Predictor:
         info = build_dataset_info(config["data"].get("dataset_info") or None, None, default)
         return cls(model, info, config["model"]["input_size"], device, **kwargs)
 
+    def use_runtime(self, kind: str, onnx: str | None = None, threads: int | None = None
+                    ) -> "Predictor":
+        """Run the heatmaps through ``kind`` (``torch``, ``onnxruntime`` or ``openvino``; see
+        :func:`saffnet_fast.engine.runtime.load_runtime`): the ONNX file ``onnx``, else this
+        predictor's model exported to a temporary one. The rest of the pipeline (boxes,
+        affine crop, flip test, decoding) is unchanged. Returns self."""
+        from .runtime import load_runtime
+
+        if kind != "torch" and self.device.type != "cpu":
+            raise ValueError(f"runtime {kind}: runs on the CPU, got device {self.device}")
+        self.forward = load_runtime(kind, onnx if onnx else self.model,
+                                    input_size=(self.input_h, self.input_w), threads=threads)
+        return self
+
     @torch.no_grad()
     def predict(self, image_rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> list[dict]:
         """People in ``image_rgb`` for the given (x, y, w, h[, score]) boxes.
@@ -314,7 +329,7 @@ class Predictor:
             centers.append(center)
             scales.append(scale)
         batch = torch.from_numpy(np.stack(crops)).to(self.device)
-        heatmaps = predict_heatmaps(self.model, batch, self.info.flip_pairs, self.flip_test)
+        heatmaps = predict_heatmaps(self.forward, batch, self.info.flip_pairs, self.flip_test)
         finite = torch.isfinite(heatmaps).flatten(1).all(1).cpu().numpy()
         coords, maxvals = decode_heatmaps(heatmaps, np.stack(centers), np.stack(scales),
                                           self.decode)
