@@ -11,8 +11,10 @@ Environment:
   DEBUG=1             -O0 -g, no NDEBUG.
   MAX_JOBS=n          parallel compile jobs (torch.utils.cpp_extension reads it).
   SAFFNET_NO_EXTENSION=1  install the pure-Python package only (the reference path).
-Layout (torchvision csrc/ops style): csrc/<op>.cpp schemas, csrc/cpu/*_kernel.cpp CPU
-kernels, csrc/cuda/*_kernel.cu CUDA kernels, csrc/common/*.h math shared by both.
+Layout (torchvision csrc/ops style): csrc/<op>.cpp the op's schemas (and its C++ autograd
+where it has one: pooled_linear.cpp), csrc/cpu/<op>_kernel.cpp its CPU kernels,
+csrc/cuda/<op>_kernel.cu its CUDA kernels, csrc/common/*.h the math, argument checks and
+memory layouts shared by both.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 // pooled_linear's activation codes, per-element math and argument checks, shared by the CPU
 // kernel (cpu/pooled_linear_kernel.cpp), the device-generic composite that serves CUDA and
-// the autograd function (pooled_mlp.cpp).
+// the autograd function (pooled_linear.cpp).
 #pragma once
 
 #include <optional>

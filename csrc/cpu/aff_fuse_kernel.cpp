@@ -22,8 +22,9 @@
 #include <cstring>
 #include <vector>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
 #include "../common/attention_math.h"
+#include "../common/layout.h"
 #include "aff_tile.h"
 #include "tile_gemm.h"
 #include "vec_math.h"

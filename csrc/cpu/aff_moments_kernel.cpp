@@ -21,8 +21,9 @@
 #include <optional>
 #include <vector>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
 #include "../common/attention_math.h"
+#include "../common/layout.h"
 #include "aff_tile.h"
 
 namespace saffnet_fast {

@@ -18,8 +18,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
 #include "../common/attention_math.h"
+#include "../common/layout.h"
 #include "aff_tile.h"
 #include "vec_math.h"
 

@@ -20,8 +20,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
 #include "../common/attention_math.h"
+#include "../common/layout.h"
 #include "aff_tile.h"
 #include "tile_gemm.h"
 

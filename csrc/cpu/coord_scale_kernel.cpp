@@ -1,4 +1,5 @@
-// coord_scale CPU kernels (float32, float64).
+// coord_scale CPU kernels (float32, float64); with offset 1 they also serve aff_input
+// (coord_scale_kernel.h, aff_input_kernel.cpp).
 //
 // Minimum bytes moved: forward reads x once and writes out once (+ N·C·(H+W) factors), one
 // pass. Backward reads grad_out and x once, writes grad_x once (+ N·C·(H+W)), one pass.
@@ -17,8 +18,10 @@
 #include <optional>
 #include <vector>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
+#include "../common/layout.h"
 #include "../common/macros.h"
+#include "coord_scale_kernel.h"
 #include "plane_access.h"
 
 namespace saffnet_fast {
@@ -251,31 +254,19 @@ void coord_scale_kernel(const at::Tensor& x, const at::Tensor& a_h, const at::Te
   });
 }
 
-void coord_scale_out_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w,
-                         at::Tensor& out) {
-  check_coord_factors(x_in, a_h, a_w, "coord_scale");
-  check_cpu_dtype(x_in, "coord_scale", "x");
-  check_like(out, x_in.sizes(), x_in, "coord_scale", "out");
-  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+}  // namespace
+
+void coord_scale_offset_cpu(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                            double offset, at::Tensor& out, at::Tensor* sums) {
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "coord_scale_cpu", [&] {
-    coord_scale_kernel<scalar_t>(x, a_h, a_w, nullptr, out, nullptr, nullptr);
+    coord_scale_kernel<scalar_t>(x, a_h, a_w, nullptr, out, nullptr, nullptr, offset, sums);
   });
 }
 
-at::Tensor coord_scale_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w) {
-  check_nchw(x_in, "coord_scale", "x");
-  const at::Tensor x = dense_nchw_or_nhwc(x_in);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  coord_scale_out_cpu(x, a_h, a_w, out);
-  return out;
-}
-
-// (grad_x = grad·(offset + a_h·a_w), grad_a_h, grad_a_w) for coord_scale_backward (offset
-// 0) and aff_input_backward (offset 1); `op` and `grad_name` name them in errors.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_offset_backward_cpu(
     const at::Tensor& grad, const at::Tensor& x_in, const at::Tensor& a_h,
     const at::Tensor& a_w, double offset, const char* op, const char* grad_name,
-    const std::optional<at::Tensor>& grad_sum_in = std::nullopt) {
+    const std::optional<at::Tensor>& grad_sum_in) {
   check_coord_factors(x_in, a_h, a_w, op);
   check_cpu_dtype(x_in, op, "x");
   check_like(grad, x_in.sizes(), x_in, op, grad_name);
@@ -295,34 +286,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
   return {gx, ga_h, ga_w};
 }
 
+namespace {
+
+void coord_scale_out_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w,
+                         at::Tensor& out) {
+  check_coord_factors(x_in, a_h, a_w, "coord_scale");
+  check_cpu_dtype(x_in, "coord_scale", "x");
+  check_like(out, x_in.sizes(), x_in, "coord_scale", "out");
+  coord_scale_offset_cpu(dense_nchw_or_nhwc(x_in), a_h, a_w, 0.0, out, nullptr);
+}
+
+at::Tensor coord_scale_cpu(const at::Tensor& x_in, const at::Tensor& a_h, const at::Tensor& a_w) {
+  check_nchw(x_in, "coord_scale", "x");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
+  coord_scale_out_cpu(x, a_h, a_w, out);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& a_h,
     const at::Tensor& a_w) {
-  return coord_scale_backward_with_offset(grad_out, x, a_h, a_w, 0.0, "coord_scale_backward",
-                                          "grad_out");
-}
-
-// aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), the coord_scale kernel with
-// offset 1, written channel-major (aff_input_empty), and its plane sums Σ_hw t in the same
-// pass.
-std::tuple<at::Tensor, at::Tensor> aff_input_cpu(const at::Tensor& x_in, const at::Tensor& a_h,
-                                                 const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "aff_input");
-  check_cpu_dtype(x_in, "aff_input", "x");
-  const at::Tensor x = dense_nchw_or_nhwc(x_in);
-  at::Tensor t = aff_input_empty(x);
-  at::Tensor sums = at::empty({x.size(0), x.size(1)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "aff_input_cpu", [&] {
-    coord_scale_kernel<scalar_t>(x, a_h, a_w, nullptr, t, nullptr, nullptr, 1.0, &sums);
-  });
-  return {t, sums};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cpu(
-    const at::Tensor& grad_t, const std::optional<at::Tensor>& grad_sum, const at::Tensor& x,
-    const at::Tensor& a_h, const at::Tensor& a_w) {
-  return coord_scale_backward_with_offset(grad_t, x, a_h, a_w, 1.0, "aff_input_backward",
-                                          "grad_t", grad_sum);
+  return coord_scale_offset_backward_cpu(grad_out, x, a_h, a_w, 0.0, "coord_scale_backward",
+                                         "grad_out");
 }
 
 }  // namespace
@@ -331,8 +317,6 @@ TORCH_LIBRARY_IMPL(saffnet_fast, CPU, m) {
   m.impl("coord_scale", &coord_scale_cpu);
   m.impl("coord_scale_out", &coord_scale_out_cpu);
   m.impl("coord_scale_backward", &coord_scale_backward_cpu);
-  m.impl("aff_input", &aff_input_cpu);
-  m.impl("aff_input_backward", &aff_input_backward_cpu);
 }
 
 }  // namespace saffnet_fast

@@ -1,5 +1,5 @@
 // pooled_linear CPU kernels (float32, float64). Schema, math and the CUDA path:
-// pooled_mlp.cpp.
+// pooled_linear.cpp.
 //
 // Minimum bytes moved: forward reads y and W once, writes out and the normalised values
 // once: M×(K + 2F); backward reads grad_out, out / normalised, y and W once and writes

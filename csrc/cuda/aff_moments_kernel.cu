@@ -36,8 +36,9 @@
 #include <optional>
 #include <type_traits>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
 #include "../common/attention_math.h"
+#include "../common/layout.h"
 #include "aff_local.cuh"
 #include "cuda_utils.cuh"
 

@@ -19,8 +19,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
 #include "../common/attention_math.h"
+#include "../common/layout.h"
 #include "aff_local.cuh"
 #include "cuda_utils.cuh"
 

@@ -1,5 +1,6 @@
 // coord_scale CUDA kernels (float32, float64, float16, bfloat16; float32 accumulation for
-// the 16-bit types).
+// the 16-bit types); with offset 1 they also serve aff_input (coord_scale_kernel.cuh,
+// aff_input_kernel.cu).
 //
 // Minimum bytes moved: forward reads x once and writes out once (+ N·C·(H+W) factors), one
 // pass. Backward reads grad_out and x once and writes grad_x once (+ N·C·(H+W)), one pass.
@@ -13,13 +14,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <optional>
 
-#include "../common/aff_fuse_checks.h"
+#include "../common/aff_checks.h"
+#include "../common/layout.h"
+#include "coord_scale_kernel.cuh"
 #include "cuda_utils.cuh"
 #include "tensor_strides.cuh"
 
@@ -88,9 +90,10 @@ __global__ void coord_scale_backward_kernel(const scalar_t* __restrict__ grad,
   }
 }
 
-// out = x·(offset + a_h·a_w) through out's strides (coord_scale: offset 0, aff_input: 1)
-void launch_coord_scale_forward(const at::Tensor& x, const at::Tensor& a_h,
-                                const at::Tensor& a_w, at::Tensor& out, double offset) {
+}  // namespace
+
+void coord_scale_offset_cuda(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                             double offset, at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t total = x.numel();
   const int threads = 256;
@@ -108,29 +111,10 @@ void launch_coord_scale_forward(const at::Tensor& x, const at::Tensor& a_h,
   });
 }
 
-void coord_scale_out_cuda(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
-                          at::Tensor& out) {
-  check_coord_factors(x, a_h, a_w, "coord_scale");
-  check_cuda_dtype(x, "coord_scale", "x");
-  check_like(out, x.sizes(), x, "coord_scale", "out");
-  launch_coord_scale_forward(x, a_h, a_w, out, 0.0);
-}
-
-at::Tensor coord_scale_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
-                            const at::Tensor& a_w) {
-  check_nchw(x_in, "coord_scale", "x");
-  const at::Tensor x = dense_nchw_or_nhwc(x_in);
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
-  coord_scale_out_cuda(x, a_h, a_w, out);
-  return out;
-}
-
-// (grad_x = grad·(offset + a_h·a_w), grad_a_h, grad_a_w) for coord_scale_backward (offset
-// 0) and aff_input_backward (offset 1); `op` and `grad_name` name them in errors.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_offset_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
     const at::Tensor& a_w, double offset, const char* op, const char* grad_name,
-    const std::optional<at::Tensor>& grad_sum_in = std::nullopt) {
+    const std::optional<at::Tensor>& grad_sum_in) {
   check_coord_factors(x_in, a_h, a_w, op);
   check_cuda_dtype(x_in, op, "x");
   check_like(grad_out, x_in.sizes(), x_in, op, grad_name);
@@ -168,32 +152,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_with_offset(
   return {gx, ga_h, ga_w};
 }
 
+namespace {
+
+void coord_scale_out_cuda(const at::Tensor& x, const at::Tensor& a_h, const at::Tensor& a_w,
+                          at::Tensor& out) {
+  check_coord_factors(x, a_h, a_w, "coord_scale");
+  check_cuda_dtype(x, "coord_scale", "x");
+  check_like(out, x.sizes(), x, "coord_scale", "out");
+  coord_scale_offset_cuda(x, a_h, a_w, 0.0, out);
+}
+
+at::Tensor coord_scale_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
+                            const at::Tensor& a_w) {
+  check_nchw(x_in, "coord_scale", "x");
+  const at::Tensor x = dense_nchw_or_nhwc(x_in);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(output_format(x)));
+  coord_scale_out_cuda(x, a_h, a_w, out);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coord_scale_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& a_h,
     const at::Tensor& a_w) {
-  return coord_scale_backward_with_offset(grad_out, x_in, a_h, a_w, 0.0, "coord_scale_backward",
-                                          "grad_out");
-}
-
-// aff_input (schema: aff_combine.cpp): t = x·(1 + a_h ⊗ a_w), channel-major, and its plane
-// sums. The sums are a separate ATen reduction over t here (one more read of t; the CPU
-// kernel forms them in its pass): the elementwise grid-stride kernel has no per-plane
-// owner to sum in, and this path has not been timed on a GPU yet.
-std::tuple<at::Tensor, at::Tensor> aff_input_cuda(const at::Tensor& x_in, const at::Tensor& a_h,
-                                                  const at::Tensor& a_w) {
-  check_coord_factors(x_in, a_h, a_w, "aff_input");
-  check_cuda_dtype(x_in, "aff_input", "x");
-  const at::Tensor x = dense_nchw_or_nhwc(x_in);
-  at::Tensor t = aff_input_empty(x);
-  launch_coord_scale_forward(x, a_h, a_w, t, 1.0);
-  return {t, t.sum({2, 3})};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> aff_input_backward_cuda(
-    const at::Tensor& grad_t, const std::optional<at::Tensor>& grad_sum, const at::Tensor& x_in,
-    const at::Tensor& a_h, const at::Tensor& a_w) {
-  return coord_scale_backward_with_offset(grad_t, x_in, a_h, a_w, 1.0, "aff_input_backward",
-                                          "grad_t", grad_sum);
+  return coord_scale_offset_backward_cuda(grad_out, x_in, a_h, a_w, 0.0,
+                                          "coord_scale_backward", "grad_out");
 }
 
 }  // namespace
@@ -202,8 +184,6 @@ TORCH_LIBRARY_IMPL(saffnet_fast, CUDA, m) {
   m.impl("coord_scale", &coord_scale_cuda);
   m.impl("coord_scale_out", &coord_scale_out_cuda);
   m.impl("coord_scale_backward", &coord_scale_backward_cuda);
-  m.impl("aff_input", &aff_input_cuda);
-  m.impl("aff_input_backward", &aff_input_backward_cuda);
 }
 
 }  // namespace saffnet_fast
