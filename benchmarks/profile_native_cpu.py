@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import pstats
 
 import torch
 from torch.utils import benchmark
 
 from saffnet_fast.nn.reference import SAWF, SCAFF, SplitResplice
-from saffnet_fast.ops import native
+from saffnet_fast.fast import blocks
 
 # (name, module factory, channels, H, W) on SAFFNet's 256×192 input.
 CASES = [
@@ -34,8 +35,9 @@ CASES = [
     ("SR", lambda c: SplitResplice(c), 64, 64, 48),
 ]
 
-NATIVE = {"SCAFF": native.native_scaff, "SAWF": native.native_sawf,
-          "SR": native.native_split_resplice}
+NATIVE = {"SCAFF": functools.partial(blocks.scaff, backend="native"),
+          "SAWF": functools.partial(blocks.sawf, backend="native"),
+          "SR": functools.partial(blocks.split_resplice, backend="native")}
 
 
 def _randomise_bn(module: torch.nn.Module) -> None:

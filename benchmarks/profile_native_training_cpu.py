@@ -3,11 +3,14 @@ for the whole SAFFNet (128×96, batch 8, 2 threads). Median of repeated runs, wa
 
     python benchmarks/profile_native_training_cpu.py
 """
-import copy, time, statistics, torch
+import copy, functools, time, statistics, torch
 from saffnet_fast.convert import convert
 from saffnet_fast.models import build_model
 from saffnet_fast.nn.reference import SCAFF, SAWF, SplitResplice
-from saffnet_fast.ops.native import native_scaff, native_sawf, native_split_resplice
+from saffnet_fast.fast import blocks
+native_scaff = functools.partial(blocks.scaff, backend="native")
+native_sawf = functools.partial(blocks.sawf, backend="native")
+native_split_resplice = functools.partial(blocks.split_resplice, backend="native")
 torch.set_num_threads(2)
 def timeit(fn, reps=7):
     fn(); ts=[]

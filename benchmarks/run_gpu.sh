@@ -96,7 +96,7 @@ phase_build() {
     step build env FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -v -e .
     log "libraries: $(ldd saffnet_fast/_C*.so | grep -oE 'lib(stdc\+\+|gcc_s|gomp)[^ ]*' | tr '\n' ' ')"
     step exception_check "$PY" -c "
-import torch, saffnet_fast.ops.native
+import torch, saffnet_fast.ops
 try:
     torch.ops.saffnet_fast.coord_pool(torch.randn(2, 3))
 except ValueError as exc:

@@ -9,15 +9,17 @@ themselves are included (every variant saves x). Batch 8, float32, CPU.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-import saffnet_fast.ops.native as nat
+from saffnet_fast.fast import blocks
 from saffnet_fast.nn.reference import AFF, SAWF, SCAFF
 
-CASES = [("SCAFF", SCAFF, nat.native_scaff, 128, 16, 12, 1),
-         ("SCAFF", SCAFF, nat.native_scaff, 64, 64, 48, 1),
-         ("SAWF", SAWF, nat.native_sawf, 32, 64, 48, 1),
-         ("AFF", AFF, nat.native_aff, 64, 64, 48, 2)]
+CASES = [("SCAFF", SCAFF, functools.partial(blocks.scaff, backend="native"), 128, 16, 12, 1),
+         ("SCAFF", SCAFF, functools.partial(blocks.scaff, backend="native"), 64, 64, 48, 1),
+         ("SAWF", SAWF, functools.partial(blocks.sawf, backend="native"), 32, 64, 48, 1),
+         ("AFF", AFF, functools.partial(blocks.aff, backend="native"), 64, 64, 48, 2)]
 
 
 def saved_mib(forward) -> float:
@@ -34,7 +36,7 @@ def saved_mib(forward) -> float:
 
 
 def main() -> None:
-    previous = nat.TRAINING_LOCAL_BRANCH
+    previous = blocks.TRAINING_LOCAL_BRANCH
     try:
         for name, cls, native, c, h, w, inputs in CASES:
             torch.manual_seed(0)
@@ -42,13 +44,13 @@ def main() -> None:
             xs = [torch.randn(8, c, h, w, requires_grad=True) for _ in range(inputs)]
             result = {"eager": saved_mib(lambda: module(*xs))}
             for mode in ("stored", "recompute"):
-                nat.TRAINING_LOCAL_BRANCH = mode
+                blocks.TRAINING_LOCAL_BRANCH = mode
                 result[mode] = saved_mib(lambda: native(module, *xs))
             x_mib = xs[0].numel() * 4 / 2**20
             print(f"{name}({c}) 8×{c}×{h}×{w} (x {x_mib:.1f} MiB), saved for backward: "
                   + ", ".join(f"{k} {v:.1f} MiB" for k, v in result.items()))
     finally:
-        nat.TRAINING_LOCAL_BRANCH = previous
+        blocks.TRAINING_LOCAL_BRANCH = previous
 
 
 if __name__ == "__main__":

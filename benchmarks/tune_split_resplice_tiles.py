@@ -23,7 +23,7 @@ import torch
 
 import saffnet_fast
 from saffnet_fast.nn.reference import SplitResplice
-from saffnet_fast.ops.native import _fold_split_resplice
+from saffnet_fast.fast.blocks import fold_split_resplice
 
 TILES = [(0, 0), (8, 8), (8, 16), (16, 8), (16, 16), (8, 32), (32, 8), (16, 32), (32, 32)]
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         module = SplitResplice(args.channels).to(args.device, dtype).eval()
-        weights, biases = (list(t) for t in _fold_split_resplice(module))
+        weights, biases = (list(t) for t in fold_split_resplice(module))
         slope = float(module.steps[0].negative_slope)
         x = torch.randn(args.batch, args.channels, h, w, device=args.device, dtype=dtype)
         with torch.no_grad():

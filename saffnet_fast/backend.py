@@ -12,9 +12,10 @@ variable ``SAFFNET_BACKEND``, then ``auto``. Every fast module and ``build_model
 A fallback taken by ``auto`` emits one warning line saying why; an explicitly requested
 backend that is unavailable raises :class:`BackendUnavailableError` saying what is missing.
 
-This module answers for a device as a whole. Per call, the fast modules
-(:mod:`saffnet_fast.nn.fast`) also ask each backend whether it takes the input's dtype and the
-module's mode (its ``unsupported_reason``), and ``auto`` falls back the same way.
+This module answers for a device as a whole. Per call, the fast modules'
+dispatch (:mod:`saffnet_fast.fast.dispatch`, its ``SUPPORT`` table) also asks each backend
+whether it takes the input's dtype, the parameters and the module's mode and layers, and
+``auto`` falls back the same way.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ __all__ = [
     "has_triton",
     "available_backends",
     "backend_unavailable_reason",
+    "validate_backend",
+    "warn_once",
 ]
 
 BACKENDS = ("auto", "reference", "native", "triton")
@@ -57,10 +60,28 @@ class BackendUnavailableError(NativeUnavailableError):
     """An explicitly requested backend cannot run here."""
 
 
-def _validate(name: str, argument: str = "backend") -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"{argument}: expected one of {BACKENDS}, got {name!r}")
+def validate_backend(name, argument: str = "backend", *, allow_none: bool = False):
+    """``name`` lower-cased when it is one of :data:`BACKENDS` (or None with ``allow_none``);
+    otherwise a TypeError (not a string) or ValueError (an unknown name) naming
+    ``argument``. The one check of a backend name: use_backend, SAFFNET_BACKEND, the fast
+    modules' ``backend=``, convert and optimize_for_inference."""
+    if name is None and allow_none:
+        return None
+    expected = f"None or one of {BACKENDS}" if allow_none else f"one of {BACKENDS}"
+    if not isinstance(name, str):
+        raise TypeError(f"{argument}: expected {expected}, got {type(name).__name__} {name!r}")
+    if name.lower() not in BACKENDS:
+        raise ValueError(f"{argument}: expected {expected}, got {name!r}")
     return name.lower()
+
+
+def warn_once(message: str, key: str | None = None, stacklevel: int = 2) -> None:
+    """``message`` as a RuntimeWarning, once per ``key`` (the message itself by default) in
+    this process: auto's fallbacks are told once, not at every block and call."""
+    key = message if key is None else key
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
 
 
 def get_backend() -> str:
@@ -70,14 +91,14 @@ def get_backend() -> str:
         return ctx
     env = os.environ.get("SAFFNET_BACKEND")
     if env:
-        return _validate(env, "SAFFNET_BACKEND")
+        return validate_backend(env, "SAFFNET_BACKEND")
     return "auto"
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Context manager setting the default backend: ``with use_backend("reference"): ...``."""
-    token = _context_backend.set(_validate(name))
+    token = _context_backend.set(validate_backend(name))
     try:
         yield name
     finally:
@@ -122,7 +143,7 @@ def _native_reason(device) -> str | None:
 def backend_unavailable_reason(name: str, device: torch.device | str | None = None) -> str | None:
     """Why backend ``name`` ('native' or 'triton') cannot run on ``device``; None when it can.
     'reference' always can; 'auto' is not a concrete backend."""
-    name = _validate(name)
+    name = validate_backend(name)
     if name == "reference":
         return None
     if name == "native":
@@ -141,16 +162,10 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 def resolve_backend(backend: str | None = None,
                     device: torch.device | str | None = None) -> str:
     """Turn ``backend`` (or the current default) into a concrete backend for ``device``."""
-    name = get_backend() if backend is None else _validate(backend)
+    name = get_backend() if backend is None else validate_backend(backend)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if name == "reference":
         return name
@@ -178,6 +193,6 @@ def resolve_backend(backend: str | None = None,
         if reason is None:
             return candidate
         reasons.append(f"{candidate}: {reason}")
-    _warn_once("saffnet_fast: backend='auto' falls back to 'reference' on "
+    warn_once("saffnet_fast: backend='auto' falls back to 'reference' on "
                f"{dev.type} ({'; '.join(reasons)})")
     return "reference"

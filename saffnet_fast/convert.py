@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from . import backend as _backend
-from .nn import fast as _fast
+from .fast.bn import fold_bn
+from .fast import dispatch as _dispatch
+from .fast import modules as _fast
 from .nn.reference import CoordAttention
 
 __all__ = [
@@ -40,12 +42,6 @@ def _check_module(model, name: str = "model") -> None:
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(model).__name__}")
 
 
-def _validate_backend(backend) -> str:
-    if not isinstance(backend, str) or backend.lower() not in _backend.BACKENDS:
-        raise ValueError(f"backend: expected one of {_backend.BACKENDS}, got {backend!r}")
-    return backend.lower()
-
-
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap SAFFNet's reference blocks inside ``model`` (the root included) for the fast ones,
     in place, and return ``model``.
@@ -58,7 +54,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     block.
     """
     _check_module(model)
-    backend = _validate_backend(backend)
+    backend = _backend.validate_backend(backend)
     if backend == "reference":
         for module in model.modules():
             ref_cls = _fast.REFERENCE_FROM_FAST.get(type(module))
@@ -77,7 +73,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             # every parameter, buffer and hook object as it is.
             module.__class__ = fast_cls
             module.backend = stored
-            _fast.register_fast_module(module)
+            _dispatch.register_fast_module(module)
             return
         if type(module) in _fast.REFERENCE_FROM_FAST:
             module.backend = stored
@@ -148,7 +144,8 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def fold_conv_bn_(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold eval-mode ``bn`` into ``conv`` in place: bn(conv(x)) == conv'(x)."""
+    """Fold eval-mode ``bn`` into ``conv`` in place: bn(conv(x)) == conv'(x). The folding is
+    computed in float32 (float64 for float64 weights) and stored in the weights' dtype."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("bn: expected a BatchNorm with running statistics "
                          "(track_running_stats=True) to fold")
@@ -156,16 +153,8 @@ def fold_conv_bn_(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         raise ValueError(f"bn: expected {conv.out_channels} features to match the conv, "
                          f"got {bn.num_features}")
     w = conv.weight
-    dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(dtype)
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
-    bias = conv.bias.to(dtype) * scale + shift if conv.bias is not None else shift
-    new_weight = (w.to(dtype) * scale.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
-    conv.weight = nn.Parameter(new_weight, requires_grad=w.requires_grad)
+    weight, bias = fold_bn(conv, bn, torch.float64 if w.dtype == torch.float64 else torch.float32)
+    conv.weight = nn.Parameter(weight.to(w.dtype), requires_grad=w.requires_grad)
     conv.bias = nn.Parameter(bias.to(w.dtype), requires_grad=w.requires_grad)
 
 
@@ -280,7 +269,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
     the reference; benchmarks/README.md).
     """
     _check_module(model)
-    backend = _validate_backend(backend)
+    backend = _backend.validate_backend(backend)
     if example_input is not None and not isinstance(example_input, torch.Tensor):
         raise TypeError(f"example_input: expected a torch.Tensor or None, got "
                         f"{type(example_input).__name__}")
@@ -315,8 +304,8 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
             return False
         if _backend.backend_unavailable_reason("native", device) is not None:
             return False
-        fn, _ = _fast._native_lookup(module._op, module, torch.empty(0, device=device))
-        return fn is not None
+        return _dispatch.unsupported_reason(module._op, "native", module,
+                                           torch.empty(0, device=device)) is None
 
     fold_batchnorm(model, skip=served_natively)
     # inference only: no autograd bookkeeping, and the kernels' no-grad paths apply

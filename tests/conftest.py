@@ -15,10 +15,10 @@ torch.backends.cuda.matmul.allow_tf32 = False
 @pytest.fixture(params=["stored", "recompute"])
 def local_branch(request, monkeypatch):
     """Runs a training test with both ways the native SCAFF / SAWF / AFF run AFF's local
-    branch (saffnet_fast.ops.native.TRAINING_LOCAL_BRANCH)."""
+    branch (saffnet_fast.fast.blocks.TRAINING_LOCAL_BRANCH)."""
     from saffnet_fast import has_native
     if not has_native():
         pytest.skip("saffnet_fast._C not built")
-    from saffnet_fast.ops import native
-    monkeypatch.setattr(native, "TRAINING_LOCAL_BRANCH", request.param)
+    from saffnet_fast.fast import blocks
+    monkeypatch.setattr(blocks, "TRAINING_LOCAL_BRANCH", request.param)
     return request.param

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
+from saffnet_fast import backend as backend_module
 from saffnet_fast import has_native, use_backend
 from saffnet_fast.backend import BackendUnavailableError, backend_unavailable_reason
 from saffnet_fast.engine.config import load_config
 from saffnet_fast.engine.modeling import build_model_from_config
 from saffnet_fast.engine.trainer import Trainer
 from saffnet_fast.models import build_model
-from saffnet_fast.nn import fast as fast_module
-from saffnet_fast.nn.fast import (FastAFF, FastCoordAttention, FastSAWF, FastSCAFF,
+from saffnet_fast.fast import (FastAFF, FastCoordAttention, FastSAWF, FastSCAFF,
                                   FastSplitResplice)
-from saffnet_fast.ops import native
+from saffnet_fast.fast import dispatch
 
 from parity_utils import randomize_batchnorm, rel_err
 
@@ -29,9 +29,9 @@ AMP_DTYPES = [torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def _clean_selection(monkeypatch):
     monkeypatch.delenv("SAFFNET_BACKEND", raising=False)
-    fast_module._warned_fallbacks.clear()
+    backend_module._warned.clear()
     yield
-    fast_module._warned_fallbacks.clear()
+    backend_module._warned.clear()
 
 
 def _fallback_warnings(caught):
@@ -47,10 +47,11 @@ def _native_serves(device: str) -> bool:
 def test_native_reasons_name_the_dtype():
     block = FastSCAFF(16)
     x = torch.randn(2, 16, 4, 3)
-    assert native.unsupported_reason(block, x) is None
-    reason = native.unsupported_reason(block.bfloat16(), x.bfloat16())
+    assert dispatch.unsupported_reason("scaff", "native", block, x) is None
+    reason = dispatch.unsupported_reason("scaff", "native", block.bfloat16(), x.bfloat16())
     assert "float32 or float64" in reason and "bfloat16" in reason
-    reason = native.unsupported_reason(block, x)  # bfloat16 parameters, float32 input
+    # bfloat16 parameters, float32 input
+    reason = dispatch.unsupported_reason("scaff", "native", block, x)
     assert "bfloat16" in reason and "float32" in reason
 
 

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 import warnings
 
 import pytest
@@ -13,10 +12,9 @@ import torch
 import saffnet_fast
 from saffnet_fast import backend as backend_module
 from saffnet_fast.backend import BackendUnavailableError, get_backend, resolve_backend, use_backend
-from saffnet_fast.nn import fast as fast_module
+from saffnet_fast.fast import (REFERENCE_FROM_FAST, FastCoordAttention, FastSAWF, FastSCAFF,
+                               FastSplitResplice, blocks, dispatch, select_implementation)
 from saffnet_fast.nn import reference as ref
-from saffnet_fast.nn.fast import (FastCoordAttention, FastSAWF, FastSCAFF, FastSplitResplice,
-                                  select_implementation)
 
 from parity_utils import rel_err as _rel
 
@@ -25,19 +23,16 @@ from parity_utils import rel_err as _rel
 def _clean_selection(monkeypatch):
     monkeypatch.delenv("SAFFNET_BACKEND", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fast_module._warned_fallbacks.clear()
+    backend_module._warned.clear()
     yield
-    fast_module._warned_fallbacks.clear()
+    backend_module._warned.clear()
 
 
 @pytest.fixture
 def native_missing_op(monkeypatch):
-    """The extension 'loaded' but saffnet_fast.ops.native lacks native_scaff."""
+    """The extension 'loaded' but the native backend has no implementation of scaff."""
     monkeypatch.setattr(backend_module, "_native_reason", lambda device: None)
-    stub = types.ModuleType("saffnet_fast.ops.native")
-    stub.native_coordinate_attention = lambda module, x: ref.CoordAttention.forward(module, x)
-    monkeypatch.setitem(sys.modules, "saffnet_fast.ops.native", stub)
-    return stub
+    monkeypatch.delitem(dispatch.SUPPORT, ("scaff", "native"))
 
 
 @pytest.fixture
@@ -111,18 +106,19 @@ def test_auto_falls_back_with_one_warning(native_unavailable):
 def test_missing_native_op_falls_back_under_auto(native_missing_op):
     block = FastSCAFF(16).eval()
     x = torch.randn(2, 16, 3, 3)
-    with pytest.warns(RuntimeWarning, match="native_scaff"):
+    with pytest.warns(RuntimeWarning, match="no native implementation of scaff"):
         name, fn = select_implementation("scaff", None, block, x)
     assert (name, fn) == ("reference", None)
-    # an op the native module does define is taken
+    # a block the native backend does implement is taken
     ca = FastCoordAttention(16).eval()
     name, fn = select_implementation("coordinate_attention", None, ca, x)
-    assert name == "native" and fn is native_missing_op.native_coordinate_attention
+    assert name == "native" and fn.func is blocks.coordinate_attention
+    assert fn.keywords == {"backend": "native"}
 
 
 def test_missing_native_op_raises_when_explicit(native_missing_op):
     block = FastSCAFF(16, backend="native").eval()
-    with pytest.raises(BackendUnavailableError, match="native_scaff"):
+    with pytest.raises(BackendUnavailableError, match="no native implementation of scaff"):
         block(torch.randn(2, 16, 3, 3))
 
 
@@ -177,7 +173,7 @@ def test_auto_matches_reference_forward_and_grads(make, training):
 
 
 def _reference_twin(fast):
-    ref_cls = fast_module.REFERENCE_FROM_FAST[type(fast)]
+    ref_cls = REFERENCE_FROM_FAST[type(fast)]
     if ref_cls is ref.CoordAttention:
         twin = ref_cls(fast.channels, fast.channels, fast.reduction)
     elif ref_cls is ref.SplitResplice:
@@ -192,7 +188,7 @@ def test_disable_native_env_makes_explicit_native_fail():
     """SAFFNET_DISABLE_NATIVE=1 is read at import, so this runs in a fresh interpreter."""
     script = textwrap.dedent("""
         import torch
-        from saffnet_fast.nn.fast import FastSCAFF
+        from saffnet_fast.fast import FastSCAFF
         from saffnet_fast.backend import BackendUnavailableError
         try:
             FastSCAFF(16, backend="native").eval()(torch.randn(1, 16, 3, 3))
@@ -213,13 +209,11 @@ def test_disable_native_env_makes_explicit_native_fail():
 
 def test_native_not_implemented_counts_as_unavailable(monkeypatch):
     monkeypatch.setattr(backend_module, "_native_reason", lambda device: None)
-    stub = types.ModuleType("saffnet_fast.ops.native")
 
-    def native_sawf(module, x):
-        raise NotImplementedError("native_sawf: no kernel for this case")
+    def sawf(module, x, *, backend):
+        raise NotImplementedError("sawf: no kernel for this case")
 
-    stub.native_sawf = native_sawf
-    monkeypatch.setitem(sys.modules, "saffnet_fast.ops.native", stub)
+    monkeypatch.setitem(dispatch.BLOCKS, "sawf", sawf)
     x = torch.randn(2, 16, 3, 3)
     block = FastSAWF(16).eval()
     with pytest.warns(RuntimeWarning, match="no kernel for this case"):

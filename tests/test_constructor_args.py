@@ -4,7 +4,7 @@ import pytest
 
 from saffnet_fast.nn import reference as ref
 from saffnet_fast.nn import sa_blocks as sa
-from saffnet_fast.nn.fast import (FastAFF, FastCoordAttention, FastSAWF, FastSCAFF,
+from saffnet_fast.fast import (FastAFF, FastCoordAttention, FastSAWF, FastSCAFF,
                                   FastSplitResplice)
 
 NAN, INF = float("nan"), float("inf")

@@ -10,7 +10,8 @@ from torch import nn
 import saffnet_fast
 from saffnet_fast.convert import (convert, fold_batchnorm, optimize_for_inference,
                                   register_conv_bn_pairs)
-from saffnet_fast.nn import fast
+from saffnet_fast import fast
+from saffnet_fast.fast import dispatch
 from saffnet_fast.nn import reference as ref
 
 from parity_utils import rel_err as _rel
@@ -297,7 +298,7 @@ def test_import_stays_light_and_compile_marker_matches_torch():
     # fast.py marks its compile-time selection the way assume_constant_result does
     marked = torch.compiler.assume_constant_result(lambda: 0)
     assert getattr(marked, "_dynamo_marked_constant", False) is True
-    assert fast._compile_time_choice._dynamo_marked_constant is True
+    assert dispatch._compile_time_choice._dynamo_marked_constant is True
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -333,10 +334,10 @@ def test_compile_time_key_names_each_live_fast_module():
     keys = [m._fast_key for m in modules]
     assert len(set(keys)) == len(keys)
     for key, module in zip(keys, modules):
-        assert fast._FAST_MODULES[key] is module
+        assert dispatch._FAST_MODULES[key] is module
     back = convert(nn.Sequential(converted), backend="reference")[0]
     assert type(back) is ref.SAWF and not hasattr(back, "_fast_key")
     del copied, modules, module
     import gc
     gc.collect()
-    assert keys[2] not in fast._FAST_MODULES  # a weak registry: no module kept alive
+    assert keys[2] not in dispatch._FAST_MODULES  # a weak registry: no module kept alive

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    from saffnet_fast.ops.native import native_aff
+    import functools
+
+    from saffnet_fast.fast import blocks
+
+    native_aff = functools.partial(blocks.aff, backend="native")
 
     OPS = torch.ops.saffnet_fast
 

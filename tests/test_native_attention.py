@@ -17,7 +17,13 @@ pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    from saffnet_fast.ops import (native_coordinate_attention, native_sawf, native_scaff)
+    import functools
+
+    from saffnet_fast.fast import blocks
+
+    native_coordinate_attention = functools.partial(blocks.coordinate_attention, backend="native")
+    native_scaff = functools.partial(blocks.scaff, backend="native")
+    native_sawf = functools.partial(blocks.sawf, backend="native")
 
     OPS = torch.ops.saffnet_fast
 

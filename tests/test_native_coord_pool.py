@@ -14,7 +14,9 @@ pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    from saffnet_fast.ops import native_coord_pool
+    from saffnet_fast.ops import kernel
+
+    native_coord_pool = kernel("coord_pool", "native")
 
     OPS = torch.ops.saffnet_fast
 

@@ -18,7 +18,7 @@ CODE = (
     "except saffnet_fast.BackendUnavailableError as exc:\n"
     "    print('ERROR:', exc)\n"
     "try:\n"
-    "    saffnet_fast.ops.native_coord_pool(torch.zeros(1, 1, 1, 1))\n"
+    "    saffnet_fast.ops.kernel('coord_pool', 'native')(torch.zeros(1, 1, 1, 1))\n"
     "except Exception as exc:\n"
     "    print('OPS_ERROR:', type(exc).__name__, exc)\n"
 )
@@ -61,7 +61,7 @@ def test_exactly_one_warning_line(disabled_run):
 
 AMP_CODE = (
     "import torch\n"
-    "from saffnet_fast.nn.fast import FastSAWF, FastSCAFF, FastSplitResplice\n"
+    "from saffnet_fast.fast import FastSAWF, FastSCAFF, FastSplitResplice\n"
     "net = torch.nn.Sequential(FastSCAFF(16), FastSAWF(16), FastSplitResplice(16, splits=4))\n"
     "x = torch.randn(2, 16, 6, 5)\n"
     "for _ in range(2):\n"

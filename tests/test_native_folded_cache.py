@@ -17,8 +17,13 @@ pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    from saffnet_fast.ops import native
-    from saffnet_fast.ops.native import native_sawf, native_scaff, native_split_resplice
+    import functools
+
+    from saffnet_fast.fast import blocks, bn
+
+    native_scaff = functools.partial(blocks.scaff, backend="native")
+    native_sawf = functools.partial(blocks.sawf, backend="native")
+    native_split_resplice = functools.partial(blocks.split_resplice, backend="native")
 
 MODULES = {
     "scaff": (lambda: SCAFF(16), lambda: native_scaff),
@@ -45,9 +50,9 @@ def check(module, fn, x, tol=1e-10):
 
 @pytest.fixture(autouse=True)
 def _empty_cache():
-    native._clear_folded_cache()
+    bn.clear_folded_cache()
     yield
-    native._clear_folded_cache()
+    bn.clear_folded_cache()
 
 
 @pytest.mark.parametrize("kind", list(MODULES))
@@ -56,10 +61,10 @@ def test_cache_is_used_and_serves_the_same_result(kind):
     x = torch.randn(2, 16, 5, 4, dtype=torch.float64)
     with torch.inference_mode():
         first = fn(module, x)
-        assert module in native._FOLDED_CACHE
-        entry = native._FOLDED_CACHE[module]
+        assert module in bn._FOLDED_CACHE
+        entry = bn._FOLDED_CACHE[module]
         second = fn(module, x)
-        assert native._FOLDED_CACHE[module] is entry      # a hit, not a rebuild
+        assert bn._FOLDED_CACHE[module] is entry      # a hit, not a rebuild
     assert torch.equal(first, second)
     check(module, fn, x)
 

@@ -13,8 +13,12 @@ pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    from saffnet_fast.ops import native_split_resplice
-    from saffnet_fast.ops.native import _fold_bn
+    import functools
+
+    from saffnet_fast.fast import blocks
+    from saffnet_fast.fast.bn import fold_bn as _fold_bn
+
+    native_split_resplice = functools.partial(blocks.split_resplice, backend="native")
 
     OPS = torch.ops.saffnet_fast
 

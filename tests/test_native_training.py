@@ -24,7 +24,13 @@ pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    from saffnet_fast.ops.native import native_sawf, native_scaff, native_split_resplice
+    import functools
+
+    from saffnet_fast.fast import blocks
+
+    native_scaff = functools.partial(blocks.scaff, backend="native")
+    native_sawf = functools.partial(blocks.sawf, backend="native")
+    native_split_resplice = functools.partial(blocks.split_resplice, backend="native")
 
     OPS = torch.ops.saffnet_fast
 

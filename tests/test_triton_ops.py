@@ -34,10 +34,9 @@ try:
         from triton.runtime.interpreter import InterpretedFunction
         KERNELS_USABLE = isinstance(triton.language.standard.sum, InterpretedFunction)
     if KERNELS_USABLE:
-        from saffnet_fast.ops.triton import _common, aff_fuse, coord_pool, coordinate_attention
-        from saffnet_fast.ops.triton import aff as triton_aff_module
-        from saffnet_fast.ops.triton import scaff as triton_scaff_module  # noqa: F401
-        from saffnet_fast.ops.triton import split_resplice as triton_sr_module  # noqa: F401
+        from saffnet_fast.ops.triton import _common, coord
+        from saffnet_fast.ops.triton import aff as triton_aff
+        from saffnet_fast.ops.triton import split_resplice as triton_sr
         KERNELS_USABLE = ON_GPU or _common.INTERPRET
 finally:
     if not ON_GPU:
@@ -60,7 +59,8 @@ def test_in_fresh_process():
 
 from saffnet_fast.backend import BackendUnavailableError  # noqa: E402
 from saffnet_fast.convert import optimize_for_inference  # noqa: E402
-from saffnet_fast.nn import fast  # noqa: E402
+from saffnet_fast import fast  # noqa: E402
+from saffnet_fast.fast import blocks, dispatch  # noqa: E402
 from saffnet_fast.nn import reference as ref  # noqa: E402
 
 INTERPRETER_SKIP = ("the Triton interpreter runs on the CPU through numpy, which has no "
@@ -250,28 +250,28 @@ def test_kernels_write_every_output_element():
     x = torch.randn(n, c, h, w, device=DEVICE)
     nan = lambda *s: torch.full(s, float("nan"), device=DEVICE)  # noqa: E731
 
-    rows, cols = coord_pool.launch_plane_reduce(x, coord_pool.MODE_COORD,
+    rows, cols = coord.launch_plane_reduce(x, coord.MODE_COORD,
                                                 rows=nan(n, c, h), cols=nan(n, c, w))
     torch.testing.assert_close(rows, x.mean(3))
     torch.testing.assert_close(cols, x.mean(2))
     a_h, a_w = torch.rand(n, c, h, device=DEVICE), torch.rand(n, c, w, device=DEVICE)
     m = a_h[..., :, None] * a_w[..., None, :]
-    mean = coord_pool.launch_plane_reduce(x, coord_pool.MODE_WEIGHTED, a_h=a_h, a_w=a_w,
+    mean = coord.launch_plane_reduce(x, coord.MODE_WEIGHTED, a_h=a_h, a_w=a_w,
                                           mean=nan(n, c))
     torch.testing.assert_close(mean, (x * (1 + m)).mean((2, 3)))
-    mean = coord_pool.launch_plane_reduce(x, coord_pool.MODE_MEAN, mean=nan(n, c))
+    mean = coord.launch_plane_reduce(x, coord.MODE_MEAN, mean=nan(n, c))
     torch.testing.assert_close(mean, x.mean((2, 3)))
 
-    out = coordinate_attention.launch_coord_apply(x, a_h, a_w, out=nan(n, c, h, w))
+    out = coord.launch_coord_scale(x, a_h, a_w, out=nan(n, c, h, w))
     torch.testing.assert_close(out, x * m)
     g = torch.randn_like(x)
-    dx, dah, daw = coordinate_attention.launch_coord_apply_backward(
+    dx, dah, daw = coord.launch_coord_scale_backward(
         g, x, a_h, a_w, grad_x=nan(n, c, h, w), grad_ah=nan(n, c, h), grad_aw=nan(n, c, w))
     torch.testing.assert_close(dx, g * m)
     torch.testing.assert_close(dah, (g * x * a_w[..., None, :]).sum(3))
     torch.testing.assert_close(daw, (g * x * a_h[..., :, None]).sum(2))
     per_pixel = torch.randn(n, c, device=DEVICE)[:, :, None, None].expand(n, c, h, w)
-    dx, dah, daw = coordinate_attention.launch_coord_apply_backward(  # weighted mean's
+    dx, dah, daw = coord.launch_coord_scale_backward(  # weighted mean's
         per_pixel, x, a_h, a_w, grad_x=nan(n, c, h, w), grad_ah=nan(n, c, h),
         grad_aw=nan(n, c, w), plus_one=True)
     torch.testing.assert_close(dx, per_pixel * (1 + m))
@@ -281,13 +281,13 @@ def test_kernels_write_every_output_element():
     xg, w1, b1 = torch.randn(n, c), torch.randn(ci, c), torch.randn(ci)
     w2, b2 = torch.randn(c, ci), torch.randn(c)
     xg, w1, b1, w2, b2 = (t.to(DEVICE) for t in (xg, w1, b1, w2, b2))
-    out = aff_fuse.launch_aff_fuse(x, a_h, a_w, xg, w1, b1, w2, b2, out=nan(n, c, h, w))
+    out = triton_aff.launch_aff_fuse(x, a_h, a_w, xg, w1, b1, w2, b2, out=nan(n, c, h, w))
     att = x * m
     xl = torch.einsum("ic,nchw->nihw", w1, x + att) + b1[:, None, None]
     xl = torch.einsum("ci,nihw->nchw", w2, xl.relu()) + b2[:, None, None]
     wei = torch.sigmoid(xl + xg[:, :, None, None])
     torch.testing.assert_close(out, 2 * att * wei + 2 * x * (1 - wei), rtol=1e-5, atol=1e-5)
-    grads = aff_fuse.launch_aff_fuse_backward(g, x, a_h, a_w, xg, w1, b1, w2, b2,
+    grads = triton_aff.launch_aff_fuse_backward(g, x, a_h, a_w, xg, w1, b1, w2, b2,
                                               grad_x=nan(n, c, h, w))
     assert all(torch.isfinite(t).all() for t in grads)
 
@@ -348,14 +348,13 @@ def test_split_resplice_inference_parity(channels, splits, shape, layout):
 
 
 def test_split_resplice_kernel_writes_every_output_element():
-    from saffnet_fast.ops.triton import split_resplice
-
     torch.manual_seed(9)
     block = _randomize(ref.SplitResplice(32, 8)).to(DEVICE).eval()
     x = torch.randn(2, 32, 3, 5, device=DEVICE)
-    folded = [split_resplice._folded_step(step, torch.float32) for step in block.steps]
-    out = split_resplice.launch_split_resplice(
-        x, [w for w, _ in folded], [b for _, b in folded], 8, 0.1,
+    with torch.no_grad():
+        weights, biases = blocks.fold_split_resplice(block)
+    out, _ = triton_sr.launch_split_resplice(
+        x, [w.contiguous() for w in weights], [b.contiguous() for b in biases], 0.1,
         out=torch.full_like(x, float("nan")))
     with torch.no_grad():
         assert _rel(out, block(x)) < 1e-5
@@ -383,8 +382,6 @@ def test_split_resplice_training_parity(channels, splits, shape, dtype, tol):
 def test_split_resplice_training_dropout():
     """Dropout from a counter-based RNG: reproducible under torch.manual_seed, drops about p
     of the elements, and the backward regenerates the same mask (gradcheck in float64)."""
-    from saffnet_fast.ops.triton.split_resplice_train import split_resplice_train_forward
-
     block = _randomize(fast.FastSplitResplice(16, 4, dropout=0.5, backend="triton"))
     block.to(DEVICE).train()
     x = torch.randn(2, 16, 4, 4, device=DEVICE)
@@ -401,10 +398,10 @@ def test_split_resplice_training_dropout():
     weights = [s.conv.weight.detach().clone().requires_grad_(True) for s in small.steps]
 
     def run(x_in, *ws):
-        seed = torch.tensor([1234], dtype=torch.int32, device=DEVICE)
-        return split_resplice_train_forward(
+        seed = torch.tensor(1234, dtype=torch.int64)
+        return torch.ops.saffnet_fast_triton.split_resplice_train(
             x_in, list(ws), [s.bn.weight.detach() for s in small.steps],
-            [s.bn.bias.detach() for s in small.steps], [], [], seed, 4, 0.1, 0.3, 1e-5)[0]
+            [s.bn.bias.detach() for s in small.steps], 1e-5, 0.1, 0.3, seed)[0]
 
     assert (run(xs, *weights) == 0).any()  # the mask is really in play
     # x and the first and last steps' weights vary (the interpreter is slow); the rest fixed
@@ -447,7 +444,6 @@ def test_split_resplice_bn_folded_with_autograd(nan_filled_allocations):
     the Triton autograd path serves it; forward and every gradient (conv weights and biases)
     against the reference module folded the same way."""
     from saffnet_fast.convert import fold_batchnorm
-    from saffnet_fast.ops.triton import split_resplice as triton_sr
 
     torch.manual_seed(16)
     block = _randomize(fast.FastSplitResplice(16, 4, backend="triton")).to(DEVICE).eval()
@@ -456,18 +452,17 @@ def test_split_resplice_bn_folded_with_autograd(nan_filled_allocations):
     assert fold_batchnorm(block) == fold_batchnorm(reference) == 3
     assert all(isinstance(step.bn, nn.Identity) for step in block.steps)
     x = torch.randn(2, 16, 5, 3, device=DEVICE).requires_grad_(True)
-    assert triton_sr.unsupported_reason(block, x) is None
+    assert dispatch.unsupported_reason("split_resplice", "triton", block, x) is None
     _check_parity(block, reference, x, 1e-5)
     block.train()
-    assert "folded" in triton_sr.unsupported_reason(block, x)
+    assert "folded" in dispatch.unsupported_reason("split_resplice", "triton", block, x)
 
 
 def test_split_resplice_autograd_ops_opcheck_and_seed():
-    """The training ops are registered (schema, autograd, fake kernels); the dropout mask is a
-    function of the seed input alone."""
-    from saffnet_fast.ops.triton.split_resplice_train import (split_resplice_train,
-                                                              split_resplice_train_forward)
-
+    """The autograd ops are registered (schema, autograd, fake kernels): the training op and
+    its backward, and the inference op (eval with gradients); the dropout mask is a function
+    of the seed input alone."""
+    ops = torch.ops.saffnet_fast_triton
     torch.manual_seed(15)
     d = dict(device=DEVICE, dtype=torch.float64)
     x = torch.randn(2, 12, 3, 2, **d, requires_grad=True)  # splits 3: steps of 4, 6 channels
@@ -475,34 +470,31 @@ def test_split_resplice_autograd_ops_opcheck_and_seed():
                torch.randn(6, 6, 3, 3, **d, requires_grad=True)]
     gammas = [(torch.rand(c, **d) + 0.5).requires_grad_(True) for c in (4, 6)]
     betas = [torch.randn(c, **d, requires_grad=True) for c in (4, 6)]
-    seed = torch.tensor([7], dtype=torch.int32, device=DEVICE)
+    seed = torch.tensor(7, dtype=torch.int64)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    forward_op = torch.ops.saffnet_triton.split_resplice_train_forward
-    torch.library.opcheck(forward_op, (x, weights, gammas, betas, [], [], seed, 3, 0.1, 0.2,
-                                       1e-5), test_utils=tests)
-    running = ([torch.randn(c, **d) for c in (4, 6)], [torch.rand(c, **d) + 0.5 for c in (4, 6)])
-    torch.library.opcheck(forward_op, (x, weights, gammas, betas, *running, seed, 3, 0.1, 0.0,
-                                       1e-5), test_utils=tests)
-    out, zs, carries, means, variances = split_resplice_train_forward(
-        x, weights, gammas, betas, [], [], seed, 3, 0.1, 0.2, 1e-5)
+    torch.library.opcheck(ops.split_resplice_train, (x, weights, gammas, betas, 1e-5, 0.1, 0.2,
+                                                     seed), test_utils=tests)
+    biases = [torch.randn(c, **d, requires_grad=True) for c in (4, 6)]
+    torch.library.opcheck(ops.split_resplice, (x, weights, biases, 0.1), test_utils=tests)
+    out, zs, carries, means, variances = ops.split_resplice_train(
+        x, weights, gammas, betas, 1e-5, 0.1, 0.2, seed)
     plain = lambda ts: [t.detach() for t in ts]  # noqa: E731
     torch.library.opcheck(
-        torch.ops.saffnet_triton.split_resplice_train_backward,
+        ops.split_resplice_train_backward,
         (torch.randn_like(out), x.detach(), plain(weights), plain(gammas), plain(betas),
-         plain(zs), plain(carries), means, variances, seed, 3, 0.1, 0.2, 1e-5, True),
+         plain(zs), plain(carries), means, variances, 1e-5, 0.1, 0.2, seed),
         test_utils=tests)
 
     def with_seed(value):
-        return split_resplice_train_forward(
-            x, weights, gammas, betas, [], [], torch.tensor([value], dtype=torch.int32,
-                                                            device=DEVICE),
-            3, 0.1, 0.5, 1e-5)[0]
+        return ops.split_resplice_train(x, weights, gammas, betas, 1e-5, 0.1, 0.5,
+                                        torch.tensor(value, dtype=torch.int64))[0]
 
     assert torch.equal(with_seed(7), with_seed(7))
     assert not torch.equal((with_seed(7) == 0)[:, 4:], (with_seed(8) == 0)[:, 4:])
     block = ref.SplitResplice(12, 3).to(DEVICE).train()
     with pytest.raises(ValueError, match="seed"):
-        split_resplice_train(block, x.detach().float(), seed=torch.tensor([1.0]))
+        blocks.split_resplice(block, x.detach().float(), backend="triton",
+                              seed=torch.tensor([1.0]))
 
 
 def test_mismatched_parameter_dtype_is_refused():
@@ -545,33 +537,31 @@ def test_opcheck_registered_ops():
                for s in ((n, c), (ci, c), (ci,), (c, ci), (c,))]
     # test_aot_dispatch_dynamic compiles through inductor, which needs a real GPU
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.saffnet_triton.coord_pool, (x,), test_utils=tests)
-    torch.library.opcheck(torch.ops.saffnet_triton.weighted_mean, (x, a_h, a_w), test_utils=tests)
-    torch.library.opcheck(torch.ops.saffnet_triton.plane_mean, (x,), test_utils=tests)
-    torch.library.opcheck(torch.ops.saffnet_triton.coord_apply, (x, a_h, a_w), test_utils=tests)
-    torch.library.opcheck(torch.ops.saffnet_triton.aff_fuse, (x, a_h, a_w, *vectors),
-                          test_utils=tests)
+    ops = torch.ops.saffnet_fast_triton
+    torch.library.opcheck(ops.coord_pool, (x,), test_utils=tests)
+    torch.library.opcheck(ops.weighted_mean, (x, a_h, a_w), test_utils=tests)
+    torch.library.opcheck(ops.plane_mean, (x,), test_utils=tests)
+    torch.library.opcheck(ops.coord_scale, (x, a_h, a_w), test_utils=tests)
+    torch.library.opcheck(ops.aff_fuse, (x, a_h, a_w, *vectors), test_utils=tests)
     _, w1, b1, w2, b2 = vectors
-    for stage in (1, 2):
-        torch.library.opcheck(torch.ops.saffnet_triton.local_stats,
-                              (x, a_h, a_w, w1, b1, w2, b2, stage), test_utils=tests)
+    for second in ((None, None), (w2, b2)):  # stage 1, stage 2
+        torch.library.opcheck(ops.aff_moments, (x, a_h, a_w, w1, b1, *second), test_utils=tests)
     plain = [t.detach() for t in (x, a_h, a_w, *vectors)]
     grad = torch.randn_like(plain[0])
-    torch.library.opcheck(torch.ops.saffnet_triton.coord_apply_backward,
-                          (grad, *plain[:3]), test_utils=tests)
-    torch.library.opcheck(torch.ops.saffnet_triton.weighted_mean_backward,
+    torch.library.opcheck(ops.coord_scale_backward, (grad, *plain[:3]), test_utils=tests)
+    torch.library.opcheck(ops.weighted_mean_backward,
                           (torch.randn(n, c, device=DEVICE), *plain[:3]), test_utils=tests)
-    torch.library.opcheck(torch.ops.saffnet_triton.aff_fuse_backward, (grad, *plain),
-                          test_utils=tests)
+    torch.library.opcheck(ops.aff_fuse_backward, (grad, *plain), test_utils=tests)
     mean = torch.randn(ci, device=DEVICE)
-    torch.library.opcheck(torch.ops.saffnet_triton.local_stats_backward,
-                          (mean, mean, mean, *plain[:3], *plain[4:], 1), test_utils=tests)
-    # split-resplice (inference only: no autograd formula, so inputs without grad)
+    torch.library.opcheck(ops.aff_moments_backward,
+                          (mean, mean, *plain[:3], *plain[4:6], None, None, mean),
+                          test_utils=tests)
+    # split-resplice, inference form (inputs without grad)
     weights = [torch.randn(4, 4, 3, 3, device=DEVICE), torch.randn(6, 6, 3, 3, device=DEVICE),
                torch.randn(7, 7, 3, 3, device=DEVICE)]
     biases = [torch.randn(w.shape[0], device=DEVICE) for w in weights]
-    torch.library.opcheck(torch.ops.saffnet_triton.split_resplice_eval,
-                          (plain[0], weights, biases, 4, 0.1), test_utils=tests)
+    torch.library.opcheck(ops.split_resplice, (plain[0], weights, biases, 0.1),
+                          test_utils=tests)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="torch.compile of Triton kernels needs a GPU "
@@ -579,7 +569,7 @@ def test_opcheck_registered_ops():
 def test_torch_compile_fullgraph_matches():
     block, reference = _pair("scaff", 64, "eval", torch.float32)
     x = torch.randn(4, 64, 16, 12, device=DEVICE)
-    compiled = torch.compile(lambda t: triton_scaff_module.triton_scaff(block, t), fullgraph=True)
+    compiled = torch.compile(lambda t: blocks.scaff(block, t, backend="triton"), fullgraph=True)
     with torch.no_grad():
         assert _rel(compiled(x), reference(x)) < 1e-5
 
@@ -589,13 +579,15 @@ def test_torch_compile_fullgraph_matches():
 def test_torch_compile_fullgraph_split_resplice_training():
     """The training ops traced by torch.compile (fullgraph): forward, dL/dx, dL/dW and the
     running statistics match eager, same seed, dropout on."""
-    from saffnet_fast.ops.triton.split_resplice_train import split_resplice_train
-
     torch.manual_seed(17)
     block = _randomize(fast.FastSplitResplice(64, 8, dropout=0.1, backend="triton"))
     block.to(DEVICE).train()
     twin = copy.deepcopy(block)
-    seed = torch.tensor([3], dtype=torch.int32, device=DEVICE)
+    seed = torch.tensor(3, dtype=torch.int64)
+
+    def split_resplice_train(module, t, seed):
+        return blocks.split_resplice(module, t, backend="triton", seed=seed)
+
     compiled = torch.compile(lambda t: split_resplice_train(block, t, seed), fullgraph=True)
     x = torch.randn(4, 64, 16, 12, device=DEVICE)
     grad = torch.randn_like(x)
@@ -615,11 +607,12 @@ def test_torch_compile_under_the_interpreter():
     """Dynamo alone (backend 'eager') runs the registered op and matches; a backend that
     traces into the op (aot_eager) is refused clearly: the interpreter's kernels cannot be
     traced, and a graph without them would return uninitialised memory."""
-    from saffnet_fast.ops.triton.split_resplice_train import split_resplice_train
+    def split_resplice_train(module, t, seed):
+        return blocks.split_resplice(module, t, backend="triton", seed=seed)
 
     torch.manual_seed(18)
     block = _randomize(ref.SplitResplice(16, 4, dropout=0.0)).train()
-    seed = torch.tensor([3], dtype=torch.int32)
+    seed = torch.tensor(3, dtype=torch.int64)
     x = torch.randn(2, 16, 3, 4)
     expected = split_resplice_train(copy.deepcopy(block), x, seed)
     compiled = torch.compile(lambda t: split_resplice_train(block, t, seed), fullgraph=True,
@@ -638,7 +631,8 @@ def test_gradcheck_float64_aff_fuse():
               torch.randn(n, c, **d), torch.randn(ci, c, **d) * 0.3, torch.randn(ci, **d),
               torch.randn(c, ci, **d) * 0.3, torch.randn(c, **d)]
     inputs = tuple(t.requires_grad_(True) for t in inputs)
-    assert torch.autograd.gradcheck(aff_fuse.aff_fuse, inputs, eps=1e-6, atol=1e-7, fast_mode=True)
+    assert torch.autograd.gradcheck(triton_aff.aff_fuse, inputs, eps=1e-6, atol=1e-7,
+                                    fast_mode=True)
 
 
 # ------------------------------------------------------------- FastAFF: AFF(x, residual)
@@ -715,12 +709,12 @@ def test_aff_pair_gradcheck_and_opcheck():
     args = [torch.randn(n, c, h, w), torch.randn(n, c, h, w), torch.randn(n, c),
             torch.randn(ci, c) * 0.4, torch.randn(ci), torch.randn(c, ci) * 0.7, torch.randn(c)]
     args = [a.to(DEVICE, torch.float64).requires_grad_() for a in args]
-    assert torch.autograd.gradcheck(triton_aff_module.aff_pair, tuple(args))
+    assert torch.autograd.gradcheck(triton_aff.aff_pair, tuple(args))
     # test_aot_dispatch_dynamic compiles through inductor, which needs a real GPU
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(torch.ops.saffnet_triton.aff_pair, tuple(args), test_utils=tests)
+    torch.library.opcheck(torch.ops.saffnet_fast_triton.aff_pair, tuple(args), test_utils=tests)
     plain = [a.detach() for a in args]
-    torch.library.opcheck(torch.ops.saffnet_triton.aff_pair_backward,
+    torch.library.opcheck(torch.ops.saffnet_fast_triton.aff_pair_backward,
                           (torch.randn_like(plain[0]), *plain), test_utils=tests)
 
 

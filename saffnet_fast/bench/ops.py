@@ -17,7 +17,7 @@ from torch import nn
 
 from ..backend import BackendUnavailableError, backend_unavailable_reason
 from ..nn import reference as ref
-from ..nn.fast import FAST_FROM_REFERENCE, select_implementation
+from ..fast import FAST_FROM_REFERENCE, select_implementation
 from .results import ProviderUnavailable, error_text, parse_dtype
 from .timing import raise_compile_limits, synchronize
 

@@ -1,15 +1,14 @@
-"""Helpers shared by the Triton ops: dtype rules, autotune configs, BN folding."""
+"""Helpers shared by the Triton kernels: dtype rules, autotune configs, the pieces of the
+SR step kernels, per-tile batch statistics."""
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
-from torch import nn
 
-from .._modules import is_1x1_conv
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -72,6 +71,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def in_arithmetic_dtype(x: torch.Tensor, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """``tensors`` as the kernels read them: contiguous, in x's arithmetic dtype (the ops take
+    their factors, vectors and weights in any dtype and layout)."""
+    acc = acc_dtype(x.dtype)
+    return tuple(t.to(acc).contiguous() for t in tensors)
+
+
+def grads_like(grads, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Gradients in their inputs' dtypes (the kernels accumulate in float32 / float64)."""
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
 def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
@@ -83,91 +94,16 @@ def configs(options, interpret_choice):
     return [triton.Config(kw, num_warps=warps) for kw, warps in options]
 
 
-def common_unsupported_reason(module: nn.Module, x: torch.Tensor) -> Optional[str]:
-    """Reasons shared by every op: device, dtype, parameter dtype/device match."""
-    if x.device.type != "cuda" and not INTERPRET:
-        return "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import)"
-    if x.dtype not in SUPPORTED_DTYPES:
-        return f"dtype {x.dtype} is not supported (expected one of {SUPPORTED_DTYPES})"
-    for name, p in module.named_parameters():
-        if p.dtype != x.dtype or p.device != x.device:
-            return (f"parameter {name} is {p.dtype} on {p.device} but the input is "
-                    f"{x.dtype} on {x.device}")
-    if x.numel() >= 2 ** 31:
-        return "inputs of 2**31 elements or more are not supported (32-bit indexing)"
-    return None
-
-
-@torch.no_grad()
-def update_bn_running_stats(bn: nn.BatchNorm2d, mean, var, count: int) -> None:
-    """As nn.BatchNorm2d in training: num_batches_tracked += 1, then running = (1 − f)·running
-    + f·batch with f = momentum (or 1/num_batches_tracked when momentum is None), the
-    running variance unbiased."""
-    if not bn.training or bn.running_mean is None:
-        return
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-    dtype = bn.running_mean.dtype
-    bn.running_mean.mul_(1 - factor).add_(mean.detach().to(dtype) * factor)
-    bn.running_var.mul_(1 - factor).add_((var.detach() * (count / (count - 1))).to(dtype)
-                                         * factor)
-
-
-def conv_bn_affine(conv: nn.Conv2d, bn: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(W, b) of the eval-mode composition bn(conv(x)) for a 1×1 conv, W of shape out×in.
-    Differentiable: gradients reach conv.weight/bias and bn.weight/bias."""
-    weight = conv.weight.reshape(conv.out_channels, conv.in_channels)
-    bias = conv.bias if conv.bias is not None else weight.new_zeros(conv.out_channels)
-    if isinstance(bn, nn.Identity):  # folded by optimize_for_inference
-        return weight, bias
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return weight * scale[:, None], bias * scale + shift
-
-
-def is_bn_or_identity(m: nn.Module) -> bool:
-    # exactly BatchNorm2d: SyncBatchNorm's training statistics span processes
-    return isinstance(m, nn.Identity) or type(m) is nn.BatchNorm2d
-
-
-def aff_structure_reason(aff: nn.Module) -> Optional[str]:
-    """The fused AFF kernels assume the reference AFF layout (possibly BN-folded)."""
-    local, glob = aff.local_att, aff.global_att
-    ok = (len(local) == 5 and is_1x1_conv(local[0]) and is_bn_or_identity(local[1])
-          and isinstance(local[2], nn.ReLU) and is_1x1_conv(local[3]) and is_bn_or_identity(local[4])
-          and len(glob) == 6 and isinstance(glob[0], nn.AdaptiveAvgPool2d))
-    return None if ok else "the AFF submodules do not have the reference layout"
-
-
 def channel_block(c: int) -> int:
     """Block size of a channel axis: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, next_pow2(c))
 
 
 # ----------------------------------------------------------------- split-resplice pieces
-# Shared by the inference kernel (split_resplice.py) and the training kernels
-# (split_resplice_train.py): both run step j of SR as a 3×3 convolution whose input channels
-# are x's slice S(j+1) followed by the previous step's carry, and both write the first KEEP
-# channels of the step's result into the output's slice and the rest into the next carry.
-
-
-def split_resplice_layout(weights, width: int):
-    """Per FC step j: (cout, cin, cc_in, keep, out_c0): its output/input channels, how many
-    input channels come from the previous step's carry, how many of its outputs go to the
-    output (all for the last step, ceil(cout/2) otherwise) and where they start there."""
-    layout, out_c0 = [], width
-    last = len(weights) - 1
-    for j, weight in enumerate(weights):
-        cout, cin = int(weight.shape[0]), int(weight.shape[1])
-        keep = cout if j == last else -(-cout // 2)
-        layout.append((cout, cin, cin - width, keep, out_c0))
-        out_c0 += keep
-    return layout
+# Shared by the inference kernel and the training kernels (split_resplice.py): both run
+# step j of SR as a 3×3 convolution whose input channels are x's slice S(j+1) followed by
+# the previous step's carry, and both write the first KEEP channels of the step's result
+# into the output's slice and the rest into the next carry.
 
 
 @triton.jit
