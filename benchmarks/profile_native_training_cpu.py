@@ -4,7 +4,7 @@ for the whole SAFFNet (128×96, batch 8, 2 threads). Median of repeated runs, wa
     python benchmarks/profile_native_training_cpu.py
 """
 import copy, functools, time, statistics, torch
-from saffnet_fast.convert import convert
+from saffnet_fast.fast.convert import convert
 from saffnet_fast.models import build_model
 from saffnet_fast.nn.reference import SCAFF, SAWF, SplitResplice
 from saffnet_fast.fast import blocks

@@ -38,12 +38,9 @@ __all__ = [
 
 
 def __getattr__(name):
-    # convert/optimize_for_inference load lazily so `import saffnet_fast` stays cheap.
-    # Importing the submodule saffnet_fast.convert makes the package attribute `convert` that
-    # module; the module is callable (it forwards to convert.convert), so
-    # `saffnet_fast.convert(model)` works however the submodule was first imported.
+    # convert / optimize_for_inference (saffnet_fast.fast.convert) load on first use, so
+    # `import saffnet_fast` does not import the fast modules.
     if name in ("convert", "optimize_for_inference"):
-        import importlib
-        module = importlib.import_module(".convert", __name__)
-        return module if name == "convert" else module.optimize_for_inference
+        from .fast import convert as conversion
+        return getattr(conversion, name)
     raise AttributeError(f"module 'saffnet_fast' has no attribute {name!r}")

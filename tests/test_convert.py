@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import saffnet_fast
-from saffnet_fast.convert import (convert, fold_batchnorm, optimize_for_inference,
-                                  register_conv_bn_pairs)
+from saffnet_fast.fast.convert import (convert, fold_batchnorm, optimize_for_inference,
+                                       register_conv_bn_pairs)
 from saffnet_fast import fast
 from saffnet_fast.fast import dispatch
 from saffnet_fast.nn import reference as ref
@@ -290,7 +290,7 @@ def test_import_stays_light_and_compile_marker_matches_torch():
     import subprocess
     import sys
 
-    code = ("import sys, saffnet_fast, saffnet_fast.nn, saffnet_fast.convert; "
+    code = ("import sys, saffnet_fast, saffnet_fast.nn, saffnet_fast.fast.convert; "
             "print(sorted(m for m in ('triton', 'torch._dynamo') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)

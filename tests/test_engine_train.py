@@ -182,7 +182,7 @@ def test_native_and_reference_backends_train_alike(tmp_path):
     if not saffnet_fast.has_native():
         pytest.skip(f"native backend unavailable: {saffnet_fast.native_load_error()}")
     try:
-        from saffnet_fast.convert import convert
+        from saffnet_fast.fast.convert import convert
         from saffnet_fast.models import build_model
     except ImportError as exc:
         pytest.skip(f"native backend unavailable: {exc}")

@@ -394,7 +394,7 @@ def test_bad_input_raises_clear_errors():
 
 
 def test_backend_conversion():
-    if importlib.util.find_spec("saffnet_fast.convert") is None:
+    if importlib.util.find_spec("saffnet_fast.fast.convert") is None:
         with pytest.raises(ValueError, match="backend"):
             build_model("saffnet", backend="native")
         return

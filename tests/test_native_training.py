@@ -428,7 +428,7 @@ def test_torch_compile_fullgraph_training(kind, local_branch):
 # ------------------------------------------------------------------------------ model
 @pytest.fixture(scope="module")
 def saffnet_pair():
-    from saffnet_fast.convert import convert
+    from saffnet_fast.fast.convert import convert
     from saffnet_fast.models import build_model
 
     torch.manual_seed(0)

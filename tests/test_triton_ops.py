@@ -58,7 +58,7 @@ def test_in_fresh_process():
 
 
 from saffnet_fast.backend import BackendUnavailableError  # noqa: E402
-from saffnet_fast.convert import optimize_for_inference  # noqa: E402
+from saffnet_fast.fast.convert import optimize_for_inference  # noqa: E402
 from saffnet_fast import fast  # noqa: E402
 from saffnet_fast.fast import blocks, dispatch  # noqa: E402
 from saffnet_fast.nn import reference as ref  # noqa: E402
@@ -67,7 +67,7 @@ INTERPRETER_SKIP = ("the Triton interpreter runs on the CPU through numpy, which
                     "bfloat16 and computes float16 dots in float32: half-precision parity "
                     "needs a GPU")
 
-# (dtype, relative tolerance): spec/kernels.md's per-dtype bounds. Half precision runs only on
+# (dtype, relative tolerance): the per-dtype parity bounds. Half precision runs only on
 # a GPU (see test_half_precision_needs_a_gpu for why).
 DTYPES = [pytest.param(torch.float32, 1e-5, id="float32")]
 if ON_GPU:
@@ -443,7 +443,7 @@ def test_split_resplice_bn_folded_with_autograd(nan_filled_allocations):
     """BN folded into the convolutions (Identity steps, conv bias), eval mode with gradients:
     the Triton autograd path serves it; forward and every gradient (conv weights and biases)
     against the reference module folded the same way."""
-    from saffnet_fast.convert import fold_batchnorm
+    from saffnet_fast.fast.convert import fold_batchnorm
 
     torch.manual_seed(16)
     block = _randomize(fast.FastSplitResplice(16, 4, backend="triton")).to(DEVICE).eval()
@@ -525,6 +525,30 @@ def test_optimize_for_inference_with_triton_backend():
     with torch.no_grad():
         got = model(x.contiguous(memory_format=torch.channels_last))
     assert _rel(got, expected) < 1e-5
+
+
+def test_triton_ops_speak_the_native_vocabulary():
+    """One op vocabulary: every Triton op (and its backward) that the extension also defines
+    has the native op's schema, argument names included; the op table names both."""
+    from saffnet_fast import has_native
+    from saffnet_fast.ops import OPS, load_backend
+
+    if not has_native():
+        pytest.skip("saffnet_fast._C not built")
+    load_backend("triton")
+    names = [op for op, backend in OPS if backend == "triton"]
+    assert {"coord_pool", "coord_scale", "aff_fuse", "aff_pair", "aff_moments",
+            "split_resplice", "split_resplice_train"} <= set(names)
+    compared = 0
+    for name in names + [f"{op}_backward" for op in names]:
+        if not (hasattr(torch.ops.saffnet_fast, name)
+                and hasattr(torch.ops.saffnet_fast_triton, name)):
+            continue
+        native = str(getattr(torch.ops.saffnet_fast, name).default._schema)
+        triton_schema = str(getattr(torch.ops.saffnet_fast_triton, name).default._schema)
+        assert native.split("::", 1)[1] == triton_schema.split("::", 1)[1], name
+        compared += 1
+    assert compared >= 13
 
 
 def test_opcheck_registered_ops():

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..backend import resolve_backend
-from ..convert import optimize_for_inference
+from ..fast.convert import optimize_for_inference
 from ..engine.runtime import RuntimeUnavailable, export_onnx_file, load_runtime, require
 from ..models import build_model
 from .machine import machine_info

@@ -136,7 +136,7 @@ def build_model(name: str, *, scbottle: Optional[bool] = None, safuse: Optional[
     size the model is meant for (stored as ``model.input_size``; heatmaps are H/4 × W/4).
     ``dropout`` / ``negative_slope`` configure the FC steps of SCBottle (defaults in
     :mod:`saffnet_fast.nn.reference`). ``backend`` other than ``None`` / ``"reference"`` swaps
-    the reference blocks for fast ones via :func:`saffnet_fast.convert.convert`.
+    the reference blocks for fast ones via :func:`saffnet_fast.convert`.
     """
     config = model_config(name, scbottle=scbottle, safuse=safuse, satransition=satransition,
                           sastem=sastem, num_joints=num_joints, dropout=dropout,
@@ -150,6 +150,6 @@ def build_model(name: str, *, scbottle: Optional[bool] = None, safuse: Optional[
     model.input_size = (height, width)
     model.heatmap_size = (height // 4, width // 4)
     if backend is not None and backend.lower() != "reference":
-        from ..convert import convert
+        from ..fast.convert import convert
         model = convert(model, backend=backend)
     return model

@@ -58,6 +58,8 @@ class BasicBlock(nn.Module):
     """Two 3×3 convs with a residual (HRNet's branch block)."""
 
     expansion = 1
+    # (conv, bn) pairs whose forward is bn(conv(x)): fold_batchnorm folds them
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None):
@@ -81,6 +83,7 @@ class Bottleneck(nn.Module):
     """1×1 → 3×3 → 1×1 (expansion 4) with a residual (HRNet's layer1 block)."""
 
     expansion = 4
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1,
                  downsample: nn.Module | None = None):
@@ -235,6 +238,8 @@ HRNET_SF = HRNetConfig(stages=(_W32_STAGE2, StageConfig(3, (4, 4, 4), (32, 64, 1
 
 class HRNet(nn.Module):
     """HRNet / SAFFNet pose network: image N×3×H×W → heatmaps N×K×H/4×W/4."""
+
+    conv_bn_pairs = (("conv1", "bn1"), ("conv2", "bn2"))  # the stem
 
     def __init__(self, config: HRNetConfig):
         super().__init__()

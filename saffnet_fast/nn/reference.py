@@ -188,6 +188,9 @@ class CoordAttention(nn.Module):
     out = x · a_h · a_w with a_h = σ(conv_h(·)) over rows and a_w = σ(conv_w(·)) over columns.
     """
 
+    # (conv, bn) pairs whose forward is bn(conv(x)): fold_batchnorm folds them
+    conv_bn_pairs = (("conv1", "bn1"),)
+
     def __init__(self, inp: int, oup: int | None = None, reduction: int = 32):
         super().__init__()
         _int_arg("inp", inp)

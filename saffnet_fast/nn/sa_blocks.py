@@ -79,7 +79,7 @@ class SCBottle(nn.Module):
     """
 
     expansion = 4
-    # (conv, bn) pairs whose forward is bn(conv(x)): saffnet_fast.convert.fold_batchnorm folds
+    # (conv, bn) pairs whose forward is bn(conv(x)): saffnet_fast.fast.convert.fold_batchnorm folds
     # them for inference. bn2 follows SR, not a conv, so it stays.
     conv_bn_pairs = (("conv1", "bn1"), ("conv3", "bn3"))
 

@@ -5,14 +5,14 @@ never does: :func:`saffnet_fast.ops.kernel` imports it on first use.
 
 One module per op family, as in :mod:`saffnet_fast.ops`:
 
-| module | ops | backward |
-|---|---|---|
-| ``coord`` | coord_pool, coord_scale, weighted_mean, plane_mean | fused per plane (coord_scale, weighted_mean); a broadcast (coord_pool, plane_mean) |
-| ``aff`` | aff_fuse, aff_pair, aff_moments | fused, the tile's forward recomputed |
-| ``split_resplice`` | split_resplice, split_resplice_train | ATen convolution gradients (inference form); fused kernels per step (training) |
+* ``coord``: coord_pool, coord_scale, weighted_mean, plane_mean; backward one fused pass per
+  plane (coord_scale, weighted_mean) or a broadcast (coord_pool, plane_mean);
+* ``aff``: aff_fuse, aff_pair, aff_moments; backward fused, the tile's forward recomputed;
+* ``split_resplice``: split_resplice (backward: ATen convolution gradients, shared with the
+  native op), split_resplice_train (backward: fused kernels per step).
 
-The native ops this backend lacks (aff_input, aff_combine, aff_pair_combine, pooled_linear,
-split_resplice_tiled) are absent from its rows of the op table: the block algorithms take
+The native rows this backend lacks (aff_input, aff_combine, aff_pair_combine, pooled_linear,
+pooled_conv1x1, split_resplice_tiled) are absent from its rows of the op table: the blocks take
 their other forms. Dtypes: float32, float16, bfloat16 (float32 arithmetic), float64.
 Registered with ``torch.library.triton_op`` (every launch through ``wrap_triton``), so
 ``torch.compile`` sees into them; their fake kernels are the ops themselves, traced on

@@ -245,7 +245,8 @@ def weighted_mean_backward(grad: torch.Tensor, x: torch.Tensor, a_h: torch.Tenso
     materialised) and the extra identity term of x·(1 + a_h·a_w)."""
     n, c, h, w = x.shape
     per_pixel = (grad.contiguous() / (h * w))[:, :, None, None].expand(n, c, h, w)
-    grads = launch_coord_scale_backward(per_pixel, x, *in_arithmetic_dtype(x, a_h, a_w), plus_one=True)
+    grads = launch_coord_scale_backward(per_pixel, x, *in_arithmetic_dtype(x, a_h, a_w),
+                                        plus_one=True)
     return grads_like(grads, x, a_h, a_w)
 
 

@@ -33,9 +33,9 @@ backward (steps in reverse, split_resplice_train_backward)
     registers over the program's tiles and added once.
 
 The dropout mask comes from a counter-based RNG: tl.rand(seed + step, element index). The
-seed is an op input (the native schema's one-element int64 tensor; its low 30 bits on x's
-device, copied there without a sync when it is on the CPU), so the op is a pure function of its inputs and the
-backward regenerates the mask instead of storing it.
+seed is an op input (the native schema's one-element int64 tensor; its low 30 bits go to x's
+device, copied without a sync when it is on the CPU), so the op is a pure function of its
+inputs and the backward regenerates the mask instead of storing it.
 """
 from __future__ import annotations
 

@@ -10,22 +10,21 @@ model for inference.
   (consecutive in a plain ``nn.Sequential``, or a pair declared by the block) into the conv
   and replaces the BatchNorm by ``nn.Identity``.
 * :func:`optimize_for_inference` = eval + convert + fold + channels_last (+ a CUDA graph).
+
+``from saffnet_fast import convert, optimize_for_inference`` gives the two functions.
 """
 from __future__ import annotations
 
 import contextlib
-import sys
-import types
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from . import backend as _backend
-from .fast.bn import fold_bn
-from .fast import dispatch as _dispatch
-from .fast import modules as _fast
-from .nn.reference import CoordAttention
+from .. import backend as _backend
+from . import dispatch as _dispatch
+from .bn import fold_bn
+from .modules import FAST_FROM_REFERENCE, REFERENCE_FROM_FAST
 
 __all__ = [
     "convert",
@@ -57,7 +56,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     backend = _backend.validate_backend(backend)
     if backend == "reference":
         for module in model.modules():
-            ref_cls = _fast.REFERENCE_FROM_FAST.get(type(module))
+            ref_cls = REFERENCE_FROM_FAST.get(type(module))
             if ref_cls is not None:
                 module.__class__ = ref_cls
                 module.__dict__.pop("backend", None)
@@ -67,7 +66,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     stored = None if backend == "auto" else backend
 
     def visit(module: nn.Module) -> None:
-        fast_cls = _fast.FAST_FROM_REFERENCE.get(type(module))
+        fast_cls = FAST_FROM_REFERENCE.get(type(module))
         if fast_cls is not None:
             # The fast class is a subclass adding only ``backend``: swapping the class keeps
             # every parameter, buffer and hook object as it is.
@@ -75,7 +74,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             module.backend = stored
             _dispatch.register_fast_module(module)
             return
-        if type(module) in _fast.REFERENCE_FROM_FAST:
+        if type(module) in REFERENCE_FROM_FAST:
             module.backend = stored
             return
         for child in module.children():
@@ -88,39 +87,11 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
 # --------------------------------------------------------------------------- BN folding
 
 # Blocks whose forward applies ``bn`` directly to ``conv``'s output (and uses the conv's
-# output nowhere else), so conv+bn folds. Blocks outside this package declare their pairs
-# with a class attribute ``conv_bn_pairs = (("conv1", "bn1"), ...)`` or by calling
-# register_conv_bn_pairs. Attribute names alone prove nothing (pre-activation blocks apply
-# bn1 *before* conv1), so nothing is folded by name guessing.
-_CONV_BN_PAIRS: Dict[type, Tuple[Tuple[str, str], ...]] = {
-    CoordAttention: (("conv1", "bn1"),),
-    _fast.FastCoordAttention: (("conv1", "bn1"),),
-}
-
-
-# Blocks of saffnet_fast.models whose forward was checked to be post-activation
-# (relu(bn(conv(x)))); registered when fold_batchnorm runs, so importing this module does not
-# import the models. Blocks may instead declare a class attribute ``conv_bn_pairs``.
-_MODEL_CONV_BN_PAIRS = {
-    "saffnet_fast.models.hrnet": {
-        "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
-        "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
-        "HRNet": (("conv1", "bn1"), ("conv2", "bn2")),
-    },
-}
-
-
-def _register_model_pairs() -> None:
-    import importlib
-
-    for module_name, classes in _MODEL_CONV_BN_PAIRS.items():
-        if module_name not in sys.modules:
-            continue  # a model that was never imported has no instances to fold
-        models = importlib.import_module(module_name)
-        for class_name, pairs in classes.items():
-            cls = getattr(models, class_name, None)
-            if isinstance(cls, type) and cls not in _CONV_BN_PAIRS:
-                _CONV_BN_PAIRS[cls] = pairs
+# output nowhere else), so conv+bn folds, declare it with a class attribute
+# ``conv_bn_pairs = (("conv1", "bn1"), ...)`` (SAFFNet's and HRNet's blocks do), or, for
+# classes one cannot edit, with register_conv_bn_pairs. Attribute names alone prove nothing
+# (pre-activation blocks apply bn1 *before* conv1), so nothing is folded by name guessing.
+_CONV_BN_PAIRS: Dict[type, Tuple[Tuple[str, str], ...]] = {}
 
 
 def register_conv_bn_pairs(cls: type, pairs: Iterable[Tuple[str, str]]) -> None:
@@ -174,14 +145,13 @@ def fold_batchnorm(model: nn.Module, skip: Optional[Callable[[nn.Module], bool]]
     if model.training:
         raise ValueError("model: fold_batchnorm needs a model in eval mode (call model.eval(); "
                          "a folded BatchNorm no longer uses batch statistics)")
-    _register_model_pairs()
     folded = 0
 
     def visit(module: nn.Module, owner: Optional[nn.Module]) -> None:
         nonlocal folded
         if skip is not None and skip(module):
             return
-        if type(module) in _fast.REFERENCE_FROM_FAST:
+        if type(module) in REFERENCE_FROM_FAST:
             owner = module
         count_before = folded
         if _is_plain_sequential(module):
@@ -295,7 +265,7 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
     device = _first_device(model)
 
     def served_natively(module: nn.Module) -> bool:
-        if type(module) not in _fast.REFERENCE_FROM_FAST:
+        if type(module) not in REFERENCE_FROM_FAST:
             return False
         requested = module.backend or _backend.get_backend()
         if requested == "native":
@@ -356,14 +326,3 @@ def _check_same(expected, got) -> None:
     elif isinstance(expected, dict):
         for k in expected:
             _check_same(expected[k], got[k])
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``saffnet_fast.convert(model)`` work although ``saffnet_fast.convert`` is also the
-    name of this submodule (the import system binds the package attribute to the module)."""
-
-    def __call__(self, model: nn.Module, backend: str = "auto") -> nn.Module:
-        return convert(model, backend)
-
-
-sys.modules[__name__].__class__ = _CallableModule
