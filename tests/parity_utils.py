@@ -1,9 +1,19 @@
-"""Shared by the parity tests: the error measure of spec/kernels.md."""
+"""Shared by the parity tests: the error measure, BN randomisation, NaN-filled allocations."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
+
+
+def native_block(name: str):
+    """Block ``name``'s algorithm (saffnet_fast.fast.blocks) on the native kernels:
+    f(module, x[, residual])."""
+    import functools
+
+    from saffnet_fast.fast import blocks
+
+    return functools.partial(getattr(blocks, name), backend="native")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -13,17 +13,13 @@ import saffnet_fast
 from saffnet_fast import has_native
 from saffnet_fast.nn import AFF, FastAFF
 
-from parity_utils import randomize_batchnorm, rel_err
+from parity_utils import native_block, randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    import functools
-
-    from saffnet_fast.fast import blocks
-
-    native_aff = functools.partial(blocks.aff, backend="native")
+    native_aff = native_block("aff")
 
     OPS = torch.ops.saffnet_fast
 

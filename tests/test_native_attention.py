@@ -11,19 +11,15 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SAWF, SCAFF, CoordAttention
 
-from parity_utils import randomize_batchnorm, rel_err
+from parity_utils import native_block, randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    import functools
-
-    from saffnet_fast.fast import blocks
-
-    native_coordinate_attention = functools.partial(blocks.coordinate_attention, backend="native")
-    native_scaff = functools.partial(blocks.scaff, backend="native")
-    native_sawf = functools.partial(blocks.sawf, backend="native")
+    native_coordinate_attention = native_block("coordinate_attention")
+    native_scaff = native_block("scaff")
+    native_sawf = native_block("sawf")
 
     OPS = torch.ops.saffnet_fast
 

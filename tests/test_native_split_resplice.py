@@ -7,18 +7,15 @@ import torch
 from saffnet_fast import has_native
 from saffnet_fast.nn.reference import SplitResplice
 
-from parity_utils import randomize_batchnorm, rel_err
+from parity_utils import native_block, randomize_batchnorm, rel_err
 
 pytestmark = pytest.mark.skipif(not has_native(),
                                 reason="saffnet_fast._C not built (pip install -e .)")
 
 if has_native():
-    import functools
-
-    from saffnet_fast.fast import blocks
     from saffnet_fast.fast.bn import fold_bn as _fold_bn
 
-    native_split_resplice = functools.partial(blocks.split_resplice, backend="native")
+    native_split_resplice = native_block("split_resplice")
 
     OPS = torch.ops.saffnet_fast
 
