@@ -182,7 +182,7 @@ def run_block(op: str, module, x):
 
 
 # (name, module.training, gradients, batch): inference; training; eval with autograd
-# (SR then runs its autograd kernels on running statistics).
+# (SR then runs its inference kernels; backward is ATen convolution gradients).
 MODES = (("inference", False, False, EVAL_BATCH), ("training", True, True, TRAIN_BATCH),
          ("eval+grad", False, True, TRAIN_BATCH))
 
