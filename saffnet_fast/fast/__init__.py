@@ -6,7 +6,9 @@
 * :mod:`.blocks`: each block's algorithm, written once against the op table
   (:data:`saffnet_fast.ops.OPS`);
 * :mod:`.bn`: BN folding, batch statistics, the running-statistics update, the
-  folded-parameter cache.
+  folded-parameter cache;
+* :mod:`.convert`: ``convert``, ``fold_batchnorm``, ``optimize_for_inference`` (the first
+  and last also as ``saffnet_fast.convert`` / ``saffnet_fast.optimize_for_inference``).
 """
 from . import modules
 from .dispatch import run_op, select_implementation
