@@ -96,6 +96,8 @@ SHARED_MEMORY_LIMIT = 227 * 1024
 MATRIX_KERNELS: Dict[str, Tuple[bool, str]] = {
     # --- Triton: split-resplice (ops/triton/split_resplice.py, _common.conv3x3_tile)
     "_sr_step_kernel": (True, "SR eval step: 3×3 conv as an implicit GEMM (9 taps × tl.dot)"),
+    "_sr_tc_kernel": (True, "SR eval in one launch (split_resplice_tc.py): 7 chained 3×3 "
+                            "implicit GEMMs per tile, f16/bf16 (tf32x3 for float32) tl.dot"),
     "_conv_stats_kernel": (True, "SR training step: the same 3×3 implicit GEMM + tile moments"),
     "_conv_input_backward_kernel": (True, "SR dL/dinput: transposed 3×3 implicit GEMM"),
     "_conv_weight_backward_kernel": (True, "SR dL/dW: per-tap contraction over pixels"),
@@ -159,10 +161,27 @@ NOT_ROUTED: Dict[str, str] = {}
 class Workload:
     reference: str
     inputs: Callable = lambda x: ()
+    # What the block runs instead on a CUDA tensor where its path depends on the device
+    # (these CPU tensors take the other one): f(module, x), called after the block.
+    on_cuda: Optional[Callable] = None
 
 
 def _residual(x):
     return (x.detach().clone().requires_grad_(x.requires_grad),)
+
+
+def _split_resplice_tiled(module, x):
+    """What blocks.split_resplice runs on a CUDA tensor in eval without autograd: one
+    split_resplice_tiled launch (Triton: ops/triton/split_resplice_tc.py)."""
+    import torch
+    from saffnet_fast.fast.blocks import fold_split_resplice
+    from saffnet_fast.ops import kernel
+
+    if module.training or torch.is_grad_enabled():
+        return None
+    weights, biases = fold_split_resplice(module)
+    slope = float(module.steps[0].negative_slope)
+    return kernel("split_resplice_tiled", "triton")(x, weights, biases, slope, 0, 0, False)
 
 
 WORKLOADS: Dict[str, Workload] = {
@@ -170,7 +189,7 @@ WORKLOADS: Dict[str, Workload] = {
     "scaff": Workload("SCAFF"),
     "sawf": Workload("SAWF"),
     "aff": Workload("AFF", _residual),
-    "split_resplice": Workload("SplitResplice"),
+    "split_resplice": Workload("SplitResplice", on_cuda=_split_resplice_tiled),
 }
 
 
@@ -178,7 +197,10 @@ def run_block(op: str, module, x):
     """Block ``op`` of ``module`` on ``x`` through its Triton kernels."""
     from saffnet_fast.fast.dispatch import BLOCKS
 
-    return BLOCKS[op](module, x, *WORKLOADS[op].inputs(x), backend="triton")
+    out = BLOCKS[op](module, x, *WORKLOADS[op].inputs(x), backend="triton")
+    if WORKLOADS[op].on_cuda is not None:
+        WORKLOADS[op].on_cuda(module, x)
+    return out
 
 
 # (name, module.training, gradients, batch): inference; training; eval with autograd

@@ -93,6 +93,7 @@ def _triton_rows() -> Dict[Tuple[str, str], Callable]:
         ("aff_pair", "triton"): t.aff_pair,
         ("aff_moments", "triton"): t.aff_moments,
         ("split_resplice", "triton"): t.split_resplice,
+        ("split_resplice_tiled", "triton"): t.split_resplice_tiled,  # one launch, tensor cores
         ("split_resplice_train", "triton"): t.split_resplice_train,
     }
 

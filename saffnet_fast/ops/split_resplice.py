@@ -185,9 +185,14 @@ def register_native() -> None:
 
     register_split_resplice_autograd(NATIVE)
     register_split_resplice_train_autograd(NATIVE)
+    register_split_resplice_tiled_autograd(NATIVE)
 
-    # split_resplice_tiled: the same function in one launch on CUDA (an explicit tile, and
-    # the carries only when asked), the same autograd.
+
+def register_split_resplice_tiled_autograd(namespace: str) -> None:
+    """split_resplice_tiled: split_resplice's function in one launch (an explicit tile, and
+    the carries only when asked), the same autograd (native, and Triton's tensor-core
+    kernel, ops/triton/split_resplice_tc.py)."""
+
     def _tiled_setup(ctx, inputs, output):
         ctx.write_carries = inputs[6] if len(inputs) > 6 else True
         x, weights, biases, negative_slope = inputs[:4]
@@ -203,5 +208,5 @@ def register_native() -> None:
         # None for each tile / write_carries argument the call passed
         return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
 
-    torch.library.register_autograd("saffnet_fast::split_resplice_tiled", _tiled_backward,
+    torch.library.register_autograd(f"{namespace}::split_resplice_tiled", _tiled_backward,
                                     setup_context=_tiled_setup)
