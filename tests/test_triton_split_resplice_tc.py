@@ -351,3 +351,21 @@ def test_op_packs_once():
     first, _ = op(x, weights, biases, 0.1)
     second, _ = op(x, weights, biases, 0.1)
     assert len(tc._PACKED) == 1 and torch.equal(first, second)
+
+
+def test_benchmark_dry_run(tmp_path):
+    """benchmarks/bench_split_resplice_tc.py runs (on the CPU: the interpreter, a tiny shape)
+    and writes its JSON; on a GPU it is the timing run."""
+    if ON_GPU:
+        pytest.skip("the GPU run is the benchmark itself")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                          "bench_split_resplice_tc.py")
+    out = tmp_path / "sr_tc.json"
+    done = subprocess.run([sys.executable, script, "--device", "cpu", "--batch", "1", "--size",
+                           "3", "4", "--channels", "16", "--dtypes", "float32", "--quick",
+                           "--reps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = __import__("json").loads(out.read_text())["rows"]
+    assert {r["provider"] for r in rows} >= {"eager", "triton tc"}
+    assert all(r["rel_err"] < 1e-5 for r in rows)

@@ -424,6 +424,9 @@ def launch_split_resplice_tc(x: torch.Tensor, weights: Sequence[torch.Tensor],
         auto_h, auto_w = choose_tile(n, h, w, steps, sms)
         tile_h, tile_w = tile_h or auto_h, tile_w or auto_w
     tile_h, tile_w = min(tile_h, h), min(tile_w, w)
+    if n > 65535:  # the grid's second dimension
+        raise ValueError(f"split_resplice_tiled: x: batch {n} over the launch grid's limit "
+                         "of 65535 images per call: split the batch")
     w0 = c // (steps + 1)
     cp = channel_pad(w0)
     compute = x.dtype
