@@ -336,17 +336,19 @@ class Trainer:
         name = self.train_cfg["optimizer"]
         lr, wd = float(self.train_cfg["lr"]), float(self.train_cfg["weight_decay"])
         params = self.model.parameters()
-        if self.cuda_graph and name in ("adam", "adamw"):
-            # A captured step replays its kernels with the values they were captured with: the
-            # learning rate lives in a device tensor the scheduler fills in place, and the
-            # optimizer keeps its step count on the device (capturable).
+        if name in ("adam", "adamw"):
             cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-            return cls(params, lr=torch.tensor(lr, device=self.device), weight_decay=wd,
-                       capturable=True)
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+            # fused: one kernel over all parameters. On the CPU torch otherwise runs Adam
+            # tensor by tensor (~10 ATen calls for each of SAFFNet's ~1,150 parameter
+            # tensors): the SAFFNet step at 64×48, batch 8, 1 thread took 1056 → 991 ms.
+            if self.cuda_graph:
+                # A captured step replays its kernels with the values they were captured
+                # with: the learning rate lives in a device tensor the scheduler fills in
+                # place, and the optimizer keeps its step count on the device (capturable).
+                return cls(params, lr=torch.tensor(lr, device=self.device), weight_decay=wd,
+                           fused=True, capturable=True)
+            return cls(params, lr=lr, weight_decay=wd,
+                       fused=self.device.type in ("cpu", "cuda"))
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd, nesterov=False)
 
     def state_dict(self) -> dict[str, Any]:
