@@ -279,13 +279,16 @@ def test_choose_tile():
     (lambda x, w, b: (x, w, b[:-1]), "biases: expected 7"),
     (lambda x, w, b: (x, w, b[:2] + [b[2][:-1]] + b[3:]), r"biases\[2\]: expected shape"),
     (lambda x, w, b: (x.int(), w, b), "expected float16"),
+    (lambda x, w, b: (x, w, b, 0.1, 0, 4), r"tile_h, tile_w: expected both 0 \(automatic\)"),
+    (lambda x, w, b: (x, w, b, 0.1, -1, -1), r"tile_h, tile_w: .* got -1, -1"),
 ])
 def test_argument_errors(bad, message):
     x = torch.randn(1, 16, 3, 3)
     w = [torch.randn(cj, cj, 3, 3) for cj in tc.sr_widths(16, 7)]
     b = [torch.randn(cj) for cj in tc.sr_widths(16, 7)]
+    args = bad(x, w, b)
     with pytest.raises((ValueError, TypeError), match=message):
-        tc.launch_split_resplice_tc(*bad(x, w, b), 0.1)
+        tc.launch_split_resplice_tc(*args, *(() if len(args) > 3 else (0.1,)))
 
 
 def test_opcheck_and_gradient():

@@ -410,19 +410,20 @@ def launch_split_resplice_tc(x: torch.Tensor, weights: Sequence[torch.Tensor],
                              num_stages: Optional[int] = None,
                              float32_precision: Optional[str] = None):
     """(out, carries) of SR in inference form in one launch; see the module docstring.
-    tile_h / tile_w: 0 picks :func:`choose_tile`; carries: N×Σcarry×H×W, or N×0×H×W when
+    tile_h, tile_w: both 0 picks :func:`choose_tile`; carries: N×Σcarry×H×W, or N×0×H×W when
     ``write_carries`` is False."""
     widths = check_args(x, weights, biases)
     n, c, h, w = x.shape
     steps = len(widths)
-    if tile_h < 0 or tile_w < 0:
-        raise ValueError(f"split_resplice_tiled: tile_h, tile_w: expected ≥ 0, got "
-                         f"{tile_h}, {tile_w}")
-    if tile_h == 0 or tile_w == 0:
+    # as the native op: both 0 (automatic) or both positive; no upper bound here (no shared
+    # memory to fit: a tile larger than the image is the image)
+    if not ((tile_h == 0 and tile_w == 0) or (tile_h >= 1 and tile_w >= 1)):
+        raise ValueError(f"split_resplice_tiled: tile_h, tile_w: expected both 0 (automatic) "
+                         f"or both ≥ 1, got {tile_h}, {tile_w}")
+    if tile_h == 0:
         sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
                if x.is_cuda else NUM_SMS)
-        auto_h, auto_w = choose_tile(n, h, w, steps, sms)
-        tile_h, tile_w = tile_h or auto_h, tile_w or auto_w
+        tile_h, tile_w = choose_tile(n, h, w, steps, sms)
     tile_h, tile_w = min(tile_h, h), min(tile_w, w)
     if n > 65535:  # the grid's second dimension
         raise ValueError(f"split_resplice_tiled: x: batch {n} over the launch grid's limit "
