@@ -16,7 +16,9 @@
 
 TORCH_LIBRARY_FRAGMENT(saffnet_fast, m) {
   // -> (out N×C×H×W, pre [v_j], inputs [in_j for j ≥ 1], mean Σc_j, var Σc_j (biased))
-  // seed: a 0-d int64 CPU tensor (so torch.compile can trace a freshly drawn seed).
+  // seed: a one-element int64 tensor, on the CPU or on x's device (drawn there, it costs no
+  // host sync and a CUDA graph replay draws a new one: see StepArgs); torch.compile traces
+  // a freshly drawn seed either way.
   m.def("split_resplice_train(Tensor x, Tensor[] weights, Tensor[] gammas, Tensor[] betas, "
         "float eps, float negative_slope, float dropout, Tensor seed) -> "
         "(Tensor, Tensor[], Tensor[], Tensor, Tensor)");

@@ -20,11 +20,24 @@
 
 namespace saffnet_fast {
 
+// The dropout seed reaches the kernels either as a value (a CPU seed tensor, read on the
+// host) or as a pointer to a one-element int64 tensor on the kernels' device, read by the
+// kernel itself: a seed drawn on the GPU (torch.randint(..., device="cuda")) then needs no
+// host sync, and a CUDA graph replay reads the seed its captured randint wrote, a new one
+// each replay, so successive graphed steps draw different masks.
 struct StepArgs {
   double eps, slope, p;
-  uint64_t seed;
+  uint64_t seed;                  // used when seed_on_device is null
+  const int64_t* seed_on_device;  // device pointer, or null
   int64_t step;
 };
+
+inline StepArgs step_args(double eps, double slope, double p, const at::Tensor& seed,
+                          int64_t step) {
+  if (seed.is_cpu())
+    return {eps, slope, p, static_cast<uint64_t>(seed.item<int64_t>()), nullptr, step};
+  return {eps, slope, p, 0, seed.data_ptr<int64_t>(), step};
+}
 
 inline void check_split_resplice_train_args(const at::Tensor& x, at::TensorList weights,
                                             at::TensorList gammas, at::TensorList betas,
@@ -36,9 +49,11 @@ inline void check_split_resplice_train_args(const at::Tensor& x, at::TensorList 
   TORCH_CHECK_VALUE(eps > 0, op, ": eps: expected > 0, got ", eps);
   TORCH_CHECK_VALUE(slope >= 0, op, ": negative_slope: expected ≥ 0, got ", slope);
   TORCH_CHECK_VALUE(p >= 0 && p < 1, op, ": dropout: expected a probability in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.is_cpu(), op,
-                    ": seed: expected a one-element int64 CPU tensor, got ", seed.scalar_type(),
-                    " of shape ", seed.sizes(), " on ", seed.device());
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong &&
+                        (seed.is_cpu() || seed.device() == x.device()),
+                    op, ": seed: expected a one-element int64 tensor on the CPU or on x's "
+                    "device (", x.device(), "), got ", seed.scalar_type(), " of shape ",
+                    seed.sizes(), " on ", seed.device());
   const int64_t M = x.size(0) * x.size(2) * x.size(3);
   TORCH_CHECK_VALUE(M > 1, op, ": x: BatchNorm in training needs more than one value per "
                     "channel (N·H·W > 1), got shape ", x.sizes());
@@ -84,7 +99,7 @@ split_resplice_train_forward(const at::Tensor& x_in, at::TensorList weights,
       next_input.narrow(1, 0, w0).copy_(x.narrow(1, plan[j + 1].x_offset, w0));
       carry_dst = next_input.narrow(1, w0, s.width - s.keep);
     }
-    const StepArgs args{eps, slope, p, static_cast<uint64_t>(seed.item<int64_t>()), j};
+    const StepArgs args = step_args(eps, slope, p, seed, j);
     Kernels::apply(v, mean_j, var_j, gammas[j], betas[j], args,
                    out.narrow(1, s.out_offset, s.keep), carry_dst);
     pre.push_back(v);
@@ -136,7 +151,7 @@ split_resplice_train_backward(const at::Tensor& grad_out_in, const at::Tensor& x
   for (int64_t j = steps - 1; j >= 0; --j) {
     const SplitRespliceStep& s = plan[j];
     stat_offset -= s.width;
-    const StepArgs args{eps, slope, p, static_cast<uint64_t>(seed.item<int64_t>()), j};
+    const StepArgs args = step_args(eps, slope, p, seed, j);
     at::Tensor grad_v;
     std::tie(grad_v, grad_gamma[j], grad_beta[j]) = Kernels::backward(
         grad_out.narrow(1, s.out_offset, s.keep), grad_carry, pre[j].contiguous(),

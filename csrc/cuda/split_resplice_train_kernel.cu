@@ -77,13 +77,18 @@ struct StepParams {
   acc_t eps, slope, kept;  // kept = 1/(1 − p)
   float p;
   uint64_t seed, step;
+  const int64_t* seed_on_device;  // when set, the seed is read here (see StepArgs)
+
+  __device__ __forceinline__ uint64_t dropout_seed() const {
+    return seed_on_device ? static_cast<uint64_t>(__ldg(seed_on_device)) : seed;
+  }
 };
 
 template <typename acc_t>
 StepParams<acc_t> step_params(const StepArgs& a) {
   return {static_cast<acc_t>(a.eps), static_cast<acc_t>(a.slope),
           acc_t(1) / (acc_t(1) - static_cast<acc_t>(a.p)), static_cast<float>(a.p), a.seed,
-          static_cast<uint64_t>(a.step)};
+          static_cast<uint64_t>(a.step), a.seed_on_device};
 }
 
 // y = Dropout(LeakyReLU(BN(v))) for every element of v (N×Cj×HW); channels c < keep go to
@@ -99,6 +104,7 @@ __global__ void __launch_bounds__(kApplyThreads)
                                 int64_t cn, int64_t cc, int64_t N, int64_t Cj, int64_t HW,
                                 int64_t keep) {
   const int64_t total = N * Cj * HW;
+  const uint64_t seed = prm.dropout_seed();
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
        e += (int64_t)blockDim.x * gridDim.x) {
     const int64_t i = e % HW, nc = e / HW, c = nc % Cj, n = nc / Cj;
@@ -108,7 +114,7 @@ __global__ void __launch_bounds__(kApplyThreads)
     const acc_t y = leaky_relu(static_cast<acc_t>(v[n * vn + c * vc + i]) * scale + shift,
                                prm.slope);
     // e is the element index (n·Cj + c)·HW + i of the CPU kernel's mask.
-    const acc_t drop = dropout_scale(prm.seed, prm.step, static_cast<uint64_t>(e), prm.p, prm.kept);
+    const acc_t drop = dropout_scale(seed, prm.step, static_cast<uint64_t>(e), prm.p, prm.kept);
     scalar_t* dst = c < keep ? keep_dst + n * kn + c * kc : carry_dst + n * cn + (c - keep) * cc;
     dst[i] = static_cast<scalar_t>(y * drop);
   }
@@ -139,6 +145,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   const scalar_t* dy = c < keep ? grad_keep + c * kc
                                 : (grad_carry ? grad_carry + (c - keep) * cc : nullptr);
   const int64_t dyn = c < keep ? kn : cn;
+  const uint64_t seed = prm.dropout_seed();
   // dz and v̂ of element e = n·HW + i of the channel.
   auto dz_vhat = [&](int64_t e, acc_t& vhat) {
     const int64_t n = e / HW, i = e % HW;
@@ -147,7 +154,7 @@ __global__ void __launch_bounds__(kChannelThreads)
     vhat = (vv - mu) * invstd;
     const acc_t g = dy ? static_cast<acc_t>(dy[n * dyn + i]) : acc_t(0);
     const uint64_t index = static_cast<uint64_t>((n * Cj + c) * HW + i);
-    return g * dropout_scale(prm.seed, prm.step, index, prm.p, prm.kept) *
+    return g * dropout_scale(seed, prm.step, index, prm.p, prm.kept) *
            (z > acc_t(0) ? acc_t(1) : prm.slope);
   };
   acc_t s_dz = 0, s_dz_vhat = 0;

@@ -465,13 +465,16 @@ def split_resplice_reason(module, x: torch.Tensor) -> str | None:
     return None
 
 
-def _dropout_seed(seed: torch.Tensor | None, p: float) -> torch.Tensor:
-    """The dropout seed as the ops take it, a one-element int64 tensor: drawn from torch's
-    default CPU generator, so torch.manual_seed makes training runs repeatable; a tensor so
-    torch.compile traces it. ``seed``: a one-element integer tensor to use instead."""
+def _dropout_seed(seed: torch.Tensor | None, p: float, device: torch.device) -> torch.Tensor:
+    """The dropout seed as the ops take it, a one-element int64 tensor on ``device`` (x's):
+    drawn from that device's default generator, so torch.manual_seed makes training runs
+    repeatable; on the GPU no host sync (the kernels read it from device memory), and a
+    CUDA graph replay re-runs the captured randint, a new seed and a new mask each step
+    (a CPU seed would be frozen into the graph). A tensor so torch.compile traces it.
+    ``seed``: a one-element integer tensor to use instead."""
     if seed is None:
-        return (torch.randint(0, 2 ** 62, (), dtype=torch.int64) if p > 0
-                else torch.zeros((), dtype=torch.int64))
+        return (torch.randint(0, 2 ** 62, (), dtype=torch.int64, device=device) if p > 0
+                else torch.zeros((), dtype=torch.int64, device=device))
     if not (isinstance(seed, torch.Tensor) and seed.numel() == 1
             and seed.dtype in (torch.int32, torch.int64)):
         raise ValueError(f"seed: expected a one-element int32 or int64 tensor, got "
@@ -496,7 +499,7 @@ def _split_resplice_train(module, x: torch.Tensor, slope: float, backend: str,
     gammas = [bn.weight if bn.weight is not None else x.new_ones(bn.num_features) for bn in bns]
     betas = [bn.bias if bn.bias is not None else x.new_zeros(bn.num_features) for bn in bns]
     out, _, _, mean, var = kernel("split_resplice_train", backend)(
-        x, weights, gammas, betas, float(bns[0].eps), slope, p, _dropout_seed(seed, p))
+        x, weights, gammas, betas, float(bns[0].eps), slope, p, _dropout_seed(seed, p, x.device))
     widths = [bn.num_features for bn in bns]
     for bn, mean_j, var_j in zip(bns, mean.split(widths), var.split(widths)):
         update_running_stats(bn, mean_j, var_j, count)
