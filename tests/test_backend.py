@@ -222,3 +222,20 @@ def test_native_not_implemented_counts_as_unavailable(monkeypatch):
     block.backend = "native"
     with pytest.raises(BackendUnavailableError, match="no kernel for this case"):
         block(x)
+
+
+@pytest.mark.skipif(not saffnet_fast.has_native(), reason="saffnet_fast._C not built")
+def test_parameter_check_is_cached_and_renewed_by_a_conversion():
+    """The dispatch caches its parameter dtype/device check per module; .to() / .double()
+    (nn.Module._apply, here or on a parent) renews it, so a converted block is served again
+    and a mismatched input still falls back with the reason."""
+    model = torch.nn.Sequential(FastSCAFF(16).eval())
+    block = model[0]
+    x = torch.randn(2, 16, 5, 4)
+    assert select_implementation("scaff", None, block, x)[0] == "native"
+    model.double()
+    x64 = x.double()
+    assert select_implementation("scaff", None, block, x64)[0] == "native"
+    with pytest.warns(RuntimeWarning, match="parameter .* is torch.float64"):
+        assert select_implementation("scaff", None, block, x)[0] == "reference"
+    torch.testing.assert_close(block(x64), ref.SCAFF.forward(block, x64))

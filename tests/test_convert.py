@@ -248,6 +248,45 @@ def test_optimize_for_inference_cuda_graph_needs_cuda():
         optimize_for_inference(model, example_input=[1, 2])
 
 
+def test_optimize_for_inference_dtype():
+    """dtype=: parameters cast after folding (in float32), the check at that dtype's
+    tolerance against the float32 model; a dtype that is not a float inference dtype is
+    refused by name."""
+    torch.manual_seed(5)
+    model = _randomize_bn(LittleNet()).eval()
+    x = torch.randn(2, 3, 9, 7)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # CPU kernels: bfloat16 falls back
+        optimize_for_inference(model, example_input=x, dtype=torch.bfloat16)
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+        with torch.no_grad():
+            got = model(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert got.dtype == torch.bfloat16
+    assert 0 < _rel(got, expected) < 2e-2
+    with pytest.raises(ValueError, match="dtype"):
+        optimize_for_inference(LittleNet(), dtype=torch.int8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_optimize_for_inference_cuda_graph_half(dtype):
+    """The GPU inference recipe: half-precision weights, channels_last, cudnn.benchmark, a
+    CUDA graph; float32 inputs are cast by the graph's input copy; output within the half
+    tolerance of the float32 eval model, and replays follow their inputs."""
+    torch.manual_seed(6)
+    model = _randomize_bn(LittleNet()).eval().cuda()
+    x = torch.randn(4, 3, 17, 13, device="cuda")
+    expected = model(x)
+    graphed = optimize_for_inference(model, example_input=x, dtype=dtype, cuda_graph=True)
+    assert torch.backends.cudnn.benchmark
+    out = graphed(x)
+    assert out.dtype == dtype and _rel(out, expected) < 2e-2
+    y = torch.randn_like(x)
+    assert _rel(graphed(y), model(y.to(dtype).contiguous(memory_format=torch.channels_last))) < 1e-3
+
+
 def test_optimize_for_inference_compile_matches_eval_reference():
     """compile=True: torch.compile of the optimized model (the fused ops as opaque custom
     ops inside the compiled graph), same outputs as the eval-mode reference."""

@@ -294,10 +294,45 @@ def _use_stored_local(aff, backend: str, ops: Sequence[str]) -> bool:
                 for layer in local))
 
 
+def _usable(op: str, backend: str, avoid: frozenset) -> bool:
+    return op not in avoid and has_kernel(op, backend)
+
+
+def _require(ops: Sequence[str], backend: str, avoid: frozenset) -> None:
+    """NotImplementedError (the dispatch's "this backend cannot serve the call") when one of
+    ``ops`` is missing from the backend or avoided for this call: backend='auto' on CUDA avoids the ops whose GPU kernels
+    fail the compiled-kernel bar (fast.dispatch.CUDA_UNROUTED)."""
+    for op in ops:
+        if op in avoid:
+            raise NotImplementedError(
+                f"this case needs {backend}'s {op}, whose GPU kernels backend='auto' does not "
+                "route to (saffnet_fast.fast.dispatch.CUDA_UNROUTED)")
+        if not has_kernel(op, backend):
+            raise NotImplementedError(f"this case needs {op}, which {backend} does not have")
+
+
+def _gemm_local_logit(folded_aff: tuple, t: torch.Tensor) -> torch.Tensor:
+    """AFF's local_att in inference (BNs folded) on channel-major t (memory order C, N, H, W)
+    as two GEMMs with their bias (and the ReLU) in the GEMM's epilogue: the path for a
+    device whose fused per-pixel bottleneck (aff_fuse / aff_pair) is not used, so the matrix
+    work runs on the BLAS library's tensor-core GEMMs. Computed transposed, (N·H·W)×C, so
+    each bias is a per-column vector; the logits come back N×C×H×W in channels_last."""
+    w1, b1, w2, b2 = folded_aff[:4]
+    n, c, h, w = t.shape
+    rows = t.permute(1, 0, 2, 3).reshape(c, n * h * w).t()  # a view: t is channel-major
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, w1, b1)):
+        hidden = torch.addmm(b1, rows, w1.t()).relu()  # _addmm_activation has no derivative
+    else:
+        hidden = torch._addmm_activation(b1, rows, w1.t())  # ReLU in the GEMM's epilogue
+    logits = torch.addmm(b2, hidden, w2.t())
+    return logits.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
 # ---------------------------------------------------------------------------------------
 # The blocks
 # ---------------------------------------------------------------------------------------
-def coordinate_attention(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
+def coordinate_attention(module, x: torch.Tensor, *, backend: str,
+                         avoid: frozenset = frozenset()) -> torch.Tensor:
     """CoordAttention(x) = x·a_h·a_w: coord_pool, the pooled layers, coord_scale. Both modes:
     the only BN (bn1) acts on the pooled N×C×(H+W) tensor."""
     _check_input(x, module.channels)
@@ -305,7 +340,8 @@ def coordinate_attention(module, x: torch.Tensor, *, backend: str) -> torch.Tens
     return kernel("coord_scale", backend)(x, a_h, a_w)
 
 
-def scaff(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
+def scaff(module, x: torch.Tensor, *, backend: str,
+          avoid: frozenset = frozenset()) -> torch.Tensor:
     """SCAFF(x) = AFF(CA(x), x), either mode.
 
     Inference: passes over the N×C×H×W tensor are coord_pool (read x), the global-branch
@@ -319,17 +355,23 @@ def scaff(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
     plane sums / (H·W), from aff_input's pass. Recompute: the inference passes plus two
     aff_moments passes (read x each) for the batch statistics of local_att's two BNs, which
     aff_fuse then applies; 5 reads + 1 write and no stored activation.
+
+    ``avoid``: ops not to use (the dispatch's, see :func:`_require`). Inference without
+    aff_fuse: aff_input (read x, write t), local_att as two GEMMs on t
+    (:func:`_gemm_local_logit`), aff_combine (read x and the logits, write out).
     """
     _check_input(x, module.channels)
     if module.training:
         pool_h, a_h, a_w = _coord_attention_factors(module.ca, x, backend)
-        if _use_stored_local(module.aff, backend, ("aff_input", "aff_combine")):
+        if _use_stored_local(module.aff, backend, ("aff_input", "aff_combine")) and not (
+                avoid & {"aff_input", "aff_combine"}):
             # t and its plane sums (the global branch's input) from one pass
             t, t_sum = kernel("aff_input", backend)(x, a_h, a_w)
             global_logit = _global_logit_modules(
                 module.aff, t_sum * (1.0 / (x.shape[2] * x.shape[3])), backend)
             local_logit = _stored_local_att(module.aff.local_att, t)
             return kernel("aff_combine", backend)(x, a_h, a_w, local_logit, global_logit)
+        _require(("aff_moments", "aff_fuse"), backend, avoid)
         global_logit = _global_logit_modules(
             module.aff, _weighted_mean(x, pool_h, a_h, a_w, backend), backend)
         local = _local_att_train(module.aff, x, a_h, a_w, backend)
@@ -337,6 +379,12 @@ def scaff(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
     folded_ca, folded_aff = folded_params(
         module, lambda: (_fold_coord_attention(module.ca), _fold_aff(module.aff)))
     pool_h, a_h, a_w = _coord_attention_factors_eval(folded_ca, x, backend)
+    if "aff_fuse" in avoid:
+        _require(("aff_input", "aff_combine"), backend, avoid)
+        t, t_sum = kernel("aff_input", backend)(x, a_h, a_w)
+        global_logit = _global_logit(folded_aff, t_sum * (1.0 / (x.shape[2] * x.shape[3])))
+        return kernel("aff_combine", backend)(x, a_h, a_w, _gemm_local_logit(folded_aff, t),
+                                              global_logit)
     global_logit = _global_logit(folded_aff, _weighted_mean(x, pool_h, a_h, a_w, backend))
     return kernel("aff_fuse", backend)(x, a_h, a_w, global_logit, *folded_aff[:4])
 
@@ -358,7 +406,8 @@ def _se_plus_gate(folded_se: tuple, s: torch.Tensor) -> torch.Tensor:
     return torch.addmm(torch.addmm(b_out, s, fc_avgt), hidden, fc2t).sigmoid()
 
 
-def sawf(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
+def sawf(module, x: torch.Tensor, *, backend: str,
+         avoid: frozenset = frozenset()) -> torch.Tensor:
     """SAWF(x) = AFF(SE+(x), x), either mode.
 
     SE+'s gate depends on x only through s = mean_hw(x), and AFF's global input is
@@ -366,6 +415,7 @@ def sawf(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
     and aff_fuse (read x, write out), with m = gate broadcast (a_h = gate over H, a_w = 1).
     Training: SE+ has no BN; local_att runs as in :func:`scaff` (stored: aff_input, GEMMs and
     the module's layers, aff_combine; recompute: two aff_moments passes and aff_fuse).
+    Inference without aff_fuse (``avoid``): aff_input, two GEMMs, aff_combine (as SCAFF).
     """
     _check_input(x, module.channels)
     n, c, h, w = x.shape
@@ -381,16 +431,24 @@ def sawf(module, x: torch.Tensor, *, backend: str) -> torch.Tensor:
     a_h = gate.unsqueeze(-1).expand(n, c, h)
     a_w = gate.new_ones(()).expand(n, c, w)
     if not module.training:
+        if "aff_fuse" in avoid:
+            _require(("aff_input", "aff_combine"), backend, avoid)
+            t, _ = kernel("aff_input", backend)(x, a_h, a_w)
+            return kernel("aff_combine", backend)(
+                x, a_h, a_w, _gemm_local_logit(folded_aff, t), global_logit)
         return kernel("aff_fuse", backend)(x, a_h, a_w, global_logit, *folded_aff[:4])
-    if _use_stored_local(module.aff, backend, ("aff_input", "aff_combine")):
+    if _use_stored_local(module.aff, backend, ("aff_input", "aff_combine")) and not (
+            avoid & {"aff_input", "aff_combine"}):
         t, _ = kernel("aff_input", backend)(x, a_h, a_w)
         local_logit = _stored_local_att(module.aff.local_att, t)
         return kernel("aff_combine", backend)(x, a_h, a_w, local_logit, global_logit)
+    _require(("aff_moments", "aff_fuse"), backend, avoid)
     local = _local_att_train(module.aff, x, a_h, a_w, backend)
     return kernel("aff_fuse", backend)(x, a_h, a_w, global_logit, *local)
 
 
-def aff(module, x: torch.Tensor, residual: torch.Tensor, *, backend: str) -> torch.Tensor:
+def aff(module, x: torch.Tensor, residual: torch.Tensor, *, backend: str,
+        avoid: frozenset = frozenset()) -> torch.Tensor:
     """The official AFF(x, residual) of any model (``saffnet_fast.nn.AFF``), either mode.
 
     Inference: the global branch's input mean_hw(x + residual) = mean_hw(x) + mean_hw(residual)
@@ -402,19 +460,31 @@ def aff(module, x: torch.Tensor, residual: torch.Tensor, *, backend: str) -> tor
     write). Recompute: local_att's two BNs take their batch statistics with aff_moments on
     xa = x + residual with zero factors (t = xa; one write and two reads of xa, the only
     full-size intermediate), and aff_pair applies them.
+    Inference without aff_pair (``avoid``): xa written channel-major as in training, its
+    plane means, two GEMMs (:func:`_gemm_local_logit`), aff_pair_combine.
     """
     _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
     plane_mean = kernel("plane_mean", backend)
-    if module.training and _use_stored_local(module, backend, ("aff_pair_combine",)):
+    gemm_eval = not module.training and "aff_pair" in avoid
+    if gemm_eval:
+        _require(("aff_pair_combine",), backend, avoid)
+    if gemm_eval or (module.training and "aff_pair_combine" not in avoid
+                     and _use_stored_local(module, backend, ("aff_pair_combine",))):
         # xa written once, channel-major, for the local branch's GEMMs (a copy_ into the
         # permuted buffer, then the residual added in place: autograd sees both)
         n, c, h, w = x.shape
         xa = x.new_empty((c, n, h, w)).permute(1, 0, 2, 3)
         xa.copy_(x)
         xa.add_(residual)
+        if gemm_eval:
+            folded = folded_params(module, lambda: _fold_aff(module))
+            return kernel("aff_pair_combine", backend)(
+                x, residual, _gemm_local_logit(folded, xa),
+                _global_logit(folded, plane_mean(xa).to(x.dtype)))
         global_logit = _global_logit_modules(module, plane_mean(xa).to(x.dtype), backend)
         local_logit = _stored_local_att(module.local_att, xa)
         return kernel("aff_pair_combine", backend)(x, residual, local_logit, global_logit)
+    _require(("aff_pair",) + (("aff_moments",) if module.training else ()), backend, avoid)
     pooled = (plane_mean(x) + plane_mean(residual)).to(x.dtype)
     if module.training:
         n, c, h, w = x.shape
@@ -506,8 +576,8 @@ def _split_resplice_train(module, x: torch.Tensor, slope: float, backend: str,
     return out
 
 
-def split_resplice(module, x: torch.Tensor, *, backend: str,
-                   seed: torch.Tensor | None = None) -> torch.Tensor:
+def split_resplice(module, x: torch.Tensor, *, backend: str, seed: torch.Tensor | None = None,
+                   avoid: frozenset = frozenset()) -> torch.Tensor:
     """SplitResplice(x), either mode.
 
     Inference (module.eval(): BN folded, Dropout the identity): one split_resplice op, the
@@ -523,12 +593,14 @@ def split_resplice(module, x: torch.Tensor, *, backend: str,
         raise NotImplementedError(f"split_resplice: {reason}")
     slope = float(module.steps[0].negative_slope)
     if module.training:
+        _require(("split_resplice_train",), backend, avoid)
         return _split_resplice_train(module, x, slope, backend, seed)
     weights, biases = folded_params(module, lambda: fold_split_resplice(module))
-    if (x.is_cuda and has_kernel("split_resplice_tiled", backend)
+    if (x.is_cuda and _usable("split_resplice_tiled", backend, avoid)
             and not (torch.is_grad_enabled()
                      and (x.requires_grad or any(w.requires_grad for w in weights)))):
         # No autograd: the single-launch tiled kernel without writing the carries.
         return kernel("split_resplice_tiled", backend)(x, weights, biases, slope, 0, 0,
                                                        False)[0]
+    _require(("split_resplice",), backend, avoid)
     return kernel("split_resplice", backend)(x, weights, biases, slope)[0]

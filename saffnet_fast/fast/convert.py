@@ -211,19 +211,24 @@ class CUDAGraphModule(nn.Module):
             self.static_output = model(self.static_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape != self.static_input.shape or x.dtype != self.static_input.dtype:
+        if x.shape != self.static_input.shape or not x.is_floating_point():
             raise ValueError(
                 f"x: the CUDA graph was captured for shape {tuple(self.static_input.shape)} "
-                f"{self.static_input.dtype}, got {tuple(x.shape)} {x.dtype}")
-        self.static_input.copy_(x)
+                f"(floating point), got {tuple(x.shape)} {x.dtype}")
+        self.static_input.copy_(x)  # also casts to the captured dtype and memory format
         self.graph.replay()
         return self.static_output.clone()
+
+
+_INFERENCE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
                            cuda_graph: bool = False,
                            example_input: Optional[torch.Tensor] = None,
-                           backend: str = "auto", compile: bool = False):
+                           backend: str = "auto", compile: bool = False,
+                           dtype: Optional[torch.dtype] = None,
+                           cudnn_benchmark: bool = True):
     """Prepare ``model`` (in place) for inference and return it.
 
     Steps: eval mode; :func:`convert` to the fast blocks with ``backend``; fold Conv+BN pairs
@@ -237,6 +242,13 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
     opaque custom ops and inductor compiles everything around them (SAFFNet at 128×96 on 2
     CPU cores: 1.75× eager at batch 1, against 1.17× without and 1.46× for torch.compile of
     the reference; benchmarks/README.md).
+
+    ``dtype`` (float16 / bfloat16 on a GPU): the parameters cast after BN folding (folded in
+    float32); the model then takes inputs of that dtype (a CUDA-graph module casts what it is
+    given); the check compares with the float32 model at that dtype's tolerance (2e-2
+    relative L2). ``cudnn_benchmark``: on a CUDA model, set torch.backends.cudnn.benchmark
+    (a process-wide switch: cuDNN times its algorithms once per input shape, which is what
+    fixed-shape inference wants).
     """
     _check_module(model)
     backend = _backend.validate_backend(backend)
@@ -245,6 +257,9 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
                         f"{type(example_input).__name__}")
     if not isinstance(compile, bool):
         raise TypeError(f"compile: expected a bool, got {type(compile).__name__}")
+    if dtype is not None and dtype not in _INFERENCE_DTYPES:
+        raise ValueError(f"dtype: expected one of {[str(d) for d in _INFERENCE_DTYPES]} or None, "
+                         f"got {dtype!r}")
     if compile and cuda_graph:
         raise ValueError("compile, cuda_graph: choose one (torch.compile(mode='reduce-overhead') "
                          "of the result captures CUDA graphs itself)")
@@ -280,19 +295,26 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True,
     fold_batchnorm(model, skip=served_natively)
     # inference only: no autograd bookkeeping, and the kernels' no-grad paths apply
     model.requires_grad_(False)
+    if dtype is not None:
+        model.to(dtype)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if cudnn_benchmark and device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    def prepared(x: torch.Tensor) -> torch.Tensor:
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     if expected is not None:
-        x = example_input.contiguous(memory_format=torch.channels_last) \
-            if channels_last and example_input.dim() == 4 else example_input
         with torch.no_grad(), _full_float32_precision():
-            got = model(x)
-        _check_same(expected, got)
+            got = model(prepared(example_input))
+        _check_same(expected, got, dtype)
     if cuda_graph:
-        x = example_input.contiguous(memory_format=torch.channels_last) \
-            if channels_last and example_input.dim() == 4 else example_input
-        return CUDAGraphModule(model, x)
+        return CUDAGraphModule(model, prepared(example_input))
     if compile:
         return torch.compile(model)
     return model
@@ -313,16 +335,16 @@ def _full_float32_precision():
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
-def _check_same(expected, got) -> None:
+def _check_same(expected, got, dtype: Optional[torch.dtype] = None) -> None:
     if isinstance(expected, torch.Tensor):
         err = (got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)
-        tol = _tolerance(expected.dtype)
+        tol = max(_tolerance(expected.dtype), _tolerance(dtype or expected.dtype))
         if not bool(err <= tol):
             raise RuntimeError(f"optimize_for_inference: the optimized model's output differs "
                                f"from the original by {float(err):.3g} (relative L2 > {tol})")
     elif isinstance(expected, (list, tuple)):
         for e, g in zip(expected, got):
-            _check_same(e, g)
+            _check_same(e, g, dtype)
     elif isinstance(expected, dict):
         for k in expected:
-            _check_same(expected[k], got[k])
+            _check_same(expected[k], got[k], dtype)

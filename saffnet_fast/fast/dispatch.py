@@ -16,7 +16,9 @@ Three explicit tables decide it:
 backend or raise :class:`~saffnet_fast.backend.BackendUnavailableError` saying why not;
 ``auto`` tries the backends in order (CPU: native; CUDA: ``backend.CUDA_AUTO_ORDER``),
 stops at the first that serves the call, and otherwise runs the reference with one
-warning line per distinct reason. An algorithm raising NotImplementedError (a case its
+warning line per distinct reason. On CUDA, ``auto`` hands each block the ops to avoid
+(:data:`CUDA_UNROUTED`: kernels that fail the compiled-kernel bar), and the block takes its
+other form or declines. An algorithm raising NotImplementedError (a case its
 kernels do not cover) counts as unavailable.
 
 Under autocast (``torch.autocast`` for the input's device) a fused implementation runs as
@@ -45,8 +47,8 @@ from ..backend import BackendUnavailableError
 from ..ops import load_backend
 from . import blocks
 
-__all__ = ["BLOCKS", "SUPPORT", "KERNEL_DTYPES", "unsupported_reason", "select_implementation",
-           "run_op", "register_fast_module"]
+__all__ = ["BLOCKS", "SUPPORT", "KERNEL_DTYPES", "CUDA_UNROUTED", "avoided_ops",
+           "unsupported_reason", "select_implementation", "run_op", "register_fast_module"]
 
 # A fast module's ``_op`` -> its block algorithm, f(module, x, *inputs, backend=...).
 BLOCKS: Dict[str, Callable[..., torch.Tensor]] = {
@@ -55,6 +57,62 @@ BLOCKS: Dict[str, Callable[..., torch.Tensor]] = {
     "sawf": blocks.sawf,
     "aff": blocks.aff,
     "split_resplice": blocks.split_resplice,
+}
+
+
+# --------------------------------------------------------------------------- GPU routing
+# Ops whose GPU kernels backend='auto' does not use on CUDA, and why: every kernel listed
+# fails the compiled-kernel bar of benchmarks/kernel_report.py --check (sm_90: a matrix
+# kernel must use tensor cores, no kernel may spill; results/kernel-report-20261207.md).
+# A block needing one of them takes its other form (SCAFF / SAWF / AFF inference: the local
+# bottleneck as two cuBLAS GEMMs between the elementwise aff_input and aff_combine kernels;
+# SR without autograd: Triton's tensor-core split_resplice_tiled) or the next backend, else
+# the reference (cuDNN). An explicit backend='native' / 'triton' still runs them (for
+# benchmarks and parity tests). kernel_report.py's NOT_ROUTED is this table's kernels: remove
+# an entry when its kernels pass, and the report gates them again.
+# (backend, op) -> (its GPU kernels, why they are not routed)
+CUDA_UNROUTED: Dict[Tuple[str, str], Tuple[Tuple[str, ...], str]] = {
+    ("native", "aff_fuse"): (
+        ("aff_fuse_forward_kernel", "aff_fuse_backward_kernel"),
+        "the per-pixel C→C/r→C bottleneck as scalar FMA loops: no tensor cores"),
+    ("native", "aff_pair"): (
+        ("aff_pair_forward_kernel", "aff_pair_backward_kernel"),
+        "the per-pixel bottleneck as scalar FMA loops: no tensor cores"),
+    ("native", "aff_moments"): (
+        ("aff_moments_forward_kernel", "aff_moments_backward_kernel"),
+        "the per-pixel bottleneck recomputed as scalar FMA loops: no tensor cores"),
+    ("native", "split_resplice"): (
+        ("split_resplice_step_kernel",), "direct 3×3 convolution in scalar FMA: no tensor cores"),
+    ("native", "split_resplice_tiled"): (
+        ("split_resplice_tiled_kernel",), "direct 3×3 convolutions in scalar FMA: no tensor cores"),
+    ("triton", "aff_fuse"): (
+        ("_aff_fuse_kernel", "_aff_fuse_backward_kernel"),
+        "x cast to float32 before tl.dot (tf32, ieee in float32); spills at C = 128; the "
+        "float32 backward needs 235 KB of shared memory"),
+    ("triton", "aff_pair"): (
+        ("_aff_pair_kernel", "_aff_pair_backward_kernel"),
+        "tl.dot on float32 operands (tf32 / ieee); spills at C = 128"),
+    ("triton", "aff_moments"): (
+        ("_aff_moments_kernel", "_aff_moments_backward_kernel"),
+        "tl.dot on float32 operands (tf32 / ieee); spills at C = 128"),
+    ("triton", "split_resplice"): (
+        ("_sr_step_kernel", "_conv_input_backward_kernel", "_conv_weight_backward_kernel"),
+        "tl.dot with ieee precision on float32 operands: no tensor cores"),
+    ("triton", "split_resplice_train"): (
+        ("_conv_stats_kernel", "_conv_input_backward_kernel", "_conv_weight_backward_kernel"),
+        "tl.dot with ieee precision on float32 operands: no tensor cores"),
+}
+
+
+def avoided_ops(backend: str, device: torch.device) -> frozenset:
+    """The ops backend='auto' does not use for ``backend`` on ``device`` (CUDA_UNROUTED)."""
+    if device.type != "cuda":
+        return frozenset()
+    return _AVOIDED_ON_CUDA.get(backend, frozenset())
+
+
+_AVOIDED_ON_CUDA = {
+    name: frozenset(op for (b, op) in CUDA_UNROUTED if b == name) for name in ("native", "triton")
 }
 
 
@@ -69,11 +127,24 @@ KERNEL_DTYPES = {
 
 
 def _parameters_reason(module: nn.Module, x: torch.Tensor) -> Optional[str]:
+    """Why the parameters cannot meet x in a kernel (dtype or device), else None. Cached per
+    module for (x's dtype, x's device, the module's conversion count): walking a block's
+    parameters on every call cost ~20 µs per block, ~1 ms per SAFFNet forward. The fast
+    modules count their conversions (.to / .half / .cuda, here or on a parent, all pass
+    through nn.Module._apply); a parameter converted on its own, outside that, is still
+    caught by the kernels' own dtype and device checks."""
+    key = (x.dtype, x.device, module.__dict__.get("_conversions", 0))
+    cached = module.__dict__.get("_parameters_check")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    reason = None
     for name, p in module.named_parameters():
         if p.dtype != x.dtype or p.device != x.device:
-            return (f"parameter {name} is {p.dtype} on {p.device} but the input is {x.dtype} "
-                    f"on {x.device}")
-    return None
+            reason = (f"parameter {name} is {p.dtype} on {p.device} but the input is "
+                      f"{x.dtype} on {x.device}")
+            break
+    module.__dict__["_parameters_check"] = (key, reason)
+    return reason
 
 
 def _native(module: nn.Module, x: torch.Tensor) -> Optional[str]:
@@ -231,7 +302,10 @@ def _kernel_dtype(module: nn.Module, x: torch.Tensor) -> torch.dtype:
     return x.dtype if param is None else param.dtype
 
 
-def _implementation(op: str, backend: str) -> Callable[..., torch.Tensor]:
+def _implementation(op: str, backend: str, avoid: frozenset = frozenset()
+                    ) -> Callable[..., torch.Tensor]:
+    if avoid:
+        return functools.partial(BLOCKS[op], backend=backend, avoid=avoid)
     return functools.partial(BLOCKS[op], backend=backend)
 
 
@@ -305,7 +379,8 @@ def select_implementation(op: str, backend: Optional[str], module: nn.Module,
         return "reference", None
     reasons: list = []
     for name in _servers(op, requested, module, x, reasons):
-        return name, _implementation(op, name)
+        avoid = avoided_ops(name, x.device) if requested == "auto" else frozenset()
+        return name, _implementation(op, name, avoid)
     _warn_fallback(op, x, reasons)
     return "reference", None
 
@@ -325,8 +400,9 @@ def run_op(op: str, backend: Optional[str], module: nn.Module, x: torch.Tensor, 
     x_run = x.to(_kernel_dtype(module, x))
     reasons: list = []
     for name in _servers(op, requested, module, x_run, reasons):
+        avoid = avoided_ops(name, x.device) if requested == "auto" else frozenset()
         try:
-            return _run_kernel(_implementation(op, name), module, x, x_run, inputs)
+            return _run_kernel(_implementation(op, name, avoid), module, x, x_run, inputs)
         except NotImplementedError as exc:
             if requested != "auto":
                 raise _cannot(op, name, module, x_run, str(exc)) from exc
@@ -356,12 +432,15 @@ def _compile_time_choice(op: str, backend: Optional[str], module_key: int, devic
                          dtype: torch.dtype, training: bool, requires_grad: bool,
                          grad_enabled: bool) -> str:
     """select_implementation for torch.compile: evaluated while tracing, its result (a
-    backend name) is a constant of the compiled graph. Under torch.compile the backend is
+    backend name, suffixed "+routed" when auto chose it, so the block avoids the ops of
+    CUDA_UNROUTED) is a constant of the compiled graph. Under torch.compile the backend is
     therefore fixed at compile time: a later use_backend() does not recompile."""
     module = _FAST_MODULES[module_key]
     x_like = torch.empty(0, device=device, dtype=dtype).requires_grad_(requires_grad)
     with torch.set_grad_enabled(grad_enabled):
-        return select_implementation(op, backend, module, x_like)[0]
+        name = select_implementation(op, backend, module, x_like)[0]
+    routed = name != "reference" and _requested(backend) == "auto"
+    return name + "+routed" if routed else name
 
 
 # What torch.compiler.assume_constant_result does (it only sets this attribute), without
@@ -382,9 +461,11 @@ def dispatch(module: nn.Module, x: torch.Tensor, *inputs) -> Optional[torch.Tens
                                     torch.is_grad_enabled())
         if name == "reference":
             return None
+        name, _, routed = name.partition("+")
+        avoid = avoided_ops(name, x.device) if routed else frozenset()
         try:
-            return _run_kernel(_implementation(module._op, name), module, x, x.to(dtype),
-                               inputs)
+            return _run_kernel(_implementation(module._op, name, avoid), module, x,
+                               x.to(dtype), inputs)
         except NotImplementedError:  # a case the kernels do not cover: reference
             return None
     return run_op(module._op, module.backend, module, x, *inputs)

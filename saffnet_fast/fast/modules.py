@@ -43,6 +43,12 @@ class _FastMixin:
         super().__setstate__(state)
         register_fast_module(self)
 
+    def _apply(self, fn, *args, **kwargs):
+        # counted so the dispatch's cached parameter check (dispatch._parameters_reason)
+        # sees a conversion of the parameters' dtype or device
+        self.__dict__["_conversions"] = self.__dict__.get("_conversions", 0) + 1
+        return super()._apply(fn, *args, **kwargs)
+
     def _dispatch(self, x: torch.Tensor, *inputs):
         _check_input(x, self.channels)
         return dispatch(self, x, *inputs)

@@ -138,7 +138,9 @@ def _coord_scale_kernel(x_ptr, ah_ptr, aw_ptr, out_ptr, C, H, W, HW,
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=configs([({}, 1), ({}, 2), ({}, 4), ({}, 8)], {}), key=["C", "HW"])
+# No 1-warp config: on a 64×64 tile it kept 128 elements of four tensors per thread and
+# spilled 16–616 B (benchmarks/results/kernel-report-20261207.md, sm_90).
+@triton.autotune(configs=configs([({}, 2), ({}, 4), ({}, 8)], {}), key=["C", "HW"])
 @triton.jit
 def _coord_scale_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, dx_ptr, dah_ptr, daw_ptr,
                                  C, H, W, HW,
