@@ -6,6 +6,14 @@
 #   result JSONs to benchmarks/results/.
 #
 # usage: benchmarks/run_gpu.sh [PHASE...]       (default: all = build test sr-tiles ops model)
+#   first     THE FIRST CALL on a lent H100 (spec/gpu.md §5), under 7 minutes with the
+#             build: build, benchmarks/gpu_first_phase.py (ceilings; SAFFNet batch 64 fp16
+#             at 256x192 per provider, each checked against float32 before it is timed;
+#             kernels per forward and the top-25 kernel profiles; per-block timings),
+#             benchmarks/bench_split_resplice_tc.py --quick, the CUDA/Triton parity tests
+#             in the time left; the summary table printed last. Run it with
+#             DEADLINE_S=420 PACK_OUT=1 (at most 8 files come back from $OUT).
+#             Dry run on a CPU: BENCH_DEVICE=cpu benchmarks/run_gpu.sh first
 #   build     pip install --no-build-isolation --no-deps -e . with FORCE_CUDA=1
 #   test      pytest tests -k "cuda or triton" (parity on the GPU)
 #   ops       fused-op benchmarks, spec matrix (forward batch 64, training batch 32,
@@ -171,6 +179,25 @@ phase_lease_1() {
         --out "$OUT/model-cuda-b64-$STAMP.json"
     keep "$OUT/model-cuda-b64-$STAMP.json"
 }
+phase_first() {
+    if [ "$BENCH_DEVICE" = cpu ]; then
+        # dry run: no CUDA build; the script's steps at a toy size in float32
+        step first-phase "$PY" benchmarks/gpu_first_phase.py --device cpu --dtype float32 \
+            --batch 2 --size 64 48 --compile-mode none --min-time 0.1 --out "$OUT"
+        step sr-tc env TRITON_INTERPRET=1 "$PY" benchmarks/bench_split_resplice_tc.py \
+            --device cpu --batch 1 --size 5 7 --quick --out "$OUT/sr-tc.json"
+        STEP_MAX_S=60 step parity "$PY" -m pytest tests/test_cuda_routing.py -q -p no:cacheprovider
+    else
+        phase_build
+        STEP_MAX_S=200 step first-phase "$PY" benchmarks/gpu_first_phase.py --out "$OUT"
+        STEP_MAX_S=60 step sr-tc "$PY" benchmarks/bench_split_resplice_tc.py --quick \
+            --out "$OUT/sr-tc.json"
+        # parity in whatever is left, leaving 15 s for the summary and packing
+        DEADLINE_S=$(( ${DEADLINE_S:-100000} - 15 )) PYTEST_ARGS="${PYTEST_ARGS:--n 14 -x}" \
+            phase_test
+    fi
+    SUMMARY_FILE="$OUT/first-phase-summary.txt"  # printed last, after packing
+}
 phase_lease_2() {
     phase_build
     step "model-cuda-b64-compile-$STAMP" "$PY" -m saffnet_fast.cli.main bench --device cuda \
@@ -186,6 +213,7 @@ PHASES=("$@")
 for phase in "${PHASES[@]}"; do
     case "$phase" in
         all) phase_build; phase_test; phase_sr_tiles; phase_ops; phase_model ;;
+        first) phase_first ;;
         build) phase_build ;;
         test) phase_test ;;
         ops) phase_ops ;;
@@ -197,7 +225,7 @@ for phase in "${PHASES[@]}"; do
         model-float16) phase_model_float16 ;;
         lease-1) phase_lease_1 ;;
         lease-2) phase_lease_2 ;;
-        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, build, test, sr-tiles, ops, ops-<op>, ops-full, model, model-float32, model-float16, lease-1, lease-2)" >&2
+        *) echo "run_gpu.sh: unknown phase '$phase' (expected all, first, build, test, sr-tiles, ops, ops-<op>, ops-full, model, model-float32, model-float16, lease-1, lease-2)" >&2
            exit 2 ;;
     esac
 done
@@ -211,12 +239,21 @@ pack() {  # PACK_OUT=1: every log in logs.tgz, the result JSONs beside it (≤ 8
     tmp="$(mktemp)"
     (cd "$OUT" && tar czf "$tmp" . \
         && find . -mindepth 1 ! -name '*summary.json' ! -name 'model-*.json' ! -name 'info.json' \
+               ! -name 'first-phase*' ! -name 'profile-top25.txt' ! -name 'sr-tc.json' \
                -delete && mv "$tmp" logs.tgz)
+}
+print_summary() {  # the first phase's table, the last thing printed
+    if [ -n "${SUMMARY_FILE:-}" ] && [ -s "$SUMMARY_FILE" ]; then
+        echo; echo "== summary (benchmarks/gpu_first_phase.py; steps failed: ${FAILED[*]:-none}) =="
+        cat "$SUMMARY_FILE"
+    fi
 }
 if [ ${#FAILED[@]} -gt 0 ]; then
     log "FAILED steps: ${FAILED[*]}"
     pack
+    print_summary
     exit 1
 fi
 log "all steps passed; results in $OUT"
 pack
+print_summary

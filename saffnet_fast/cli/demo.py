@@ -8,9 +8,9 @@ Stated choices (printed by the demo too): the synthetic set's OKS ``area`` is th
 area w·h (the usual convention without segmentation masks; looser than COCO's mask area),
 training targets are sub-pixel (unbiased) Gaussians and predictions are decoded with DARK,
 because the 64×48 input gives 16×12 heatmaps where HRNet's integer targets alone would cap
-even a perfect model near AP 0.86 on this set. Measured on a shared 2-core CPU machine
-(one torch thread, fresh cache): 30 epochs, AP 0.000 -> 0.783 (AP .5 0.940) in 8 min 7 s
-wall, 487 CPU-seconds.
+even a perfect model near AP 0.86 on this set. Measured on an idle 2-core CPU machine (AMD
+EPYC, AVX2; both cores, the set cached): 9 epochs (504 steps at batch 8), AP 0.000 -> 0.625
+(AP .5 0.912) in 3 min 15 s wall, 370 CPU-seconds; generating the set adds a few seconds.
 """
 from __future__ import annotations
 
@@ -41,10 +41,9 @@ def add_arguments(parser):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--backend", default=None,
                         help="kernel backend for the model (default: the config's model.backend)")
-    parser.add_argument("--threads", type=int, default=1, metavar="N",
-                        help="torch CPU threads (default 1: at batch 8 and 64x48 a second "
-                             "thread saves under 10%% of the step time for twice the CPU, and "
-                             "stalls badly when the cores are shared)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's, one per core; on 2 cores "
+                             "the demo's training runs at 21 img/s with 2 threads, 14 with 1)")
     parser.add_argument("--json", action="store_true", help="also print a JSON summary")
 
 
@@ -71,9 +70,10 @@ def _run(args) -> int:
     from saffnet_fast.engine.predictor import Predictor
     from saffnet_fast.engine.trainer import Trainer, resolve_device, seed_everything
 
-    if args.threads < 1:
-        raise ValueError(f"--threads: expected a positive thread count, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected a positive thread count, got {args.threads}")
+        torch.set_num_threads(args.threads)
     started = time.time()
     cpu_started = time.process_time()
     overrides = (SMOKE_OVERRIDES if args.smoke else []) + list(args.overrides) + [
