@@ -23,8 +23,10 @@ short keeps what it measured):
   4. kernels per forward (torch.profiler: CUDA kernel + memcpy/memset events of one forward)
      for the best eager and the fast model, and their top-25 kernels by device time
      (OUT_DIR/profile-top25.txt);
-  5. per block: each distinct SAFFNet block shape, reference against the fast block
-     (auto), same dtype and layout, beside the floor of reading x and writing out once.
+  5. per block: each distinct SAFFNet block shape, the reference against the fast block
+     with auto's choice and with each backend pinned (native, triton), same dtype and
+     layout, each checked first, beside the floor of reading x and writing out once: the
+     measurements fast.dispatch's routing tables wait for.
 """
 from __future__ import annotations
 
@@ -270,17 +272,28 @@ def main(argv=None) -> int:
         row = {"block": name}
         try:
             ref_m = copy.deepcopy(module).to(dtype).to(memory_format=torch.channels_last)
-            fast_m = saffnet_fast.convert(copy.deepcopy(ref_m), "auto")
             xs = tuple(t.expand(args.batch, *t.shape[1:]).to(dtype).contiguous(
                 memory_format=torch.channels_last) for t in inputs)
             with torch.no_grad():
                 want = ref_m(*xs)
-                row["rel_l2"] = rel_l2(fast_m(*xs), want)
                 row["reference_s"] = median_time(lambda: ref_m(*xs), device, 0.2)["median_s"]
-                row["fast_s"] = median_time(lambda: fast_m(*xs), device, 0.2)["median_s"]
+                # auto's choice, and each backend pinned (the data for dispatch's
+                # CUDA_TRITON_FIRST_INFERENCE and CUDA_UNROUTED choices)
+                for backend in ("auto", "native", "triton"):
+                    try:
+                        fast_m = saffnet_fast.convert(copy.deepcopy(ref_m), backend)
+                        err = rel_l2(fast_m(*xs), want)
+                        row[f"{backend}_rel_l2"] = err
+                        if not err < PARITY_BOUND[dtype]:
+                            raise RuntimeError(f"off the reference by {err:.3g}")
+                        row[f"{backend}_s"] = median_time(lambda: fast_m(*xs), device,
+                                                          0.2)["median_s"]
+                    except Exception as exc:
+                        row[f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             nbytes = (sum(t.numel() for t in xs) + want.numel()) * torch.finfo(dtype).bits // 8
             row["floor_s"] = nbytes / copy_bw
-            row["speedup"] = row["reference_s"] / row["fast_s"]
+            if "auto_s" in row:
+                row["speedup"] = row["reference_s"] / row["auto_s"]
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         result["blocks"].append(row)
@@ -300,12 +313,18 @@ def main(argv=None) -> int:
         else:
             lines.append(f"{name:<22}{'-':>9}{'-':>9}{'-':>9}{'-':>9}{'':>9}  "
                          f"{rec.get('error', '?')[:70]}")
-    lines.append(f"{'block':<34}{'ref ms':>9}{'fast ms':>9}{'speedup':>9}{'floor ms':>9}")
+    lines.append(f"{'block (ms; - = refused or failed)':<34}{'ref':>8}{'auto':>8}{'native':>8}"
+                 f"{'triton':>8}{'floor':>8}{'auto x':>8}")
+
+    def ms(row, key):
+        return f"{row[key] * 1e3:>8.3f}" if key in row else f"{'-':>8}"
+
     for row in result["blocks"]:
-        if "fast_s" in row:
-            lines.append(f"{row['block']:<34}{row['reference_s'] * 1e3:>9.3f}"
-                         f"{row['fast_s'] * 1e3:>9.3f}{row['speedup']:>9.2f}"
-                         f"{row['floor_s'] * 1e3:>9.3f}")
+        if "reference_s" in row:
+            speedup = f"{row['speedup']:>8.2f}" if "speedup" in row else f"{'-':>8}"
+            lines.append(f"{row['block']:<34}{ms(row, 'reference_s')}{ms(row, 'auto_s')}"
+                         f"{ms(row, 'native_s')}{ms(row, 'triton_s')}{ms(row, 'floor_s')}"
+                         f"{speedup}")
         else:
             lines.append(f"{row['block']:<34}  {row.get('error', '?')[:60]}")
     summary = "\n".join(lines)

@@ -479,6 +479,9 @@ class LaunchRecorder:
             recorder.record(fn, args, kwargs)
 
         def autotune_run(tuner, *args, **kwargs):
+            # as Autotuner.run does before pruning: the early_config_prune hooks read the
+            # launch's arguments by name
+            tuner.nargs = dict(zip(tuner.arg_names, args))
             configs = tuner.prune_configs(kwargs) if len(tuner.configs) > 1 else tuner.configs
             for config in configs:
                 recorder._config = dict(config.kwargs)

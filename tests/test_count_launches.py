@@ -59,9 +59,11 @@ print("stale", cl.stale_launchers())
 
 
 def test_optimized_model_on_cuda_takes_the_routed_ops(tmp_path):
-    """On a (fake) CUDA build, auto routes SCAFF / SAWF inference to aff_input + cuBLAS GEMMs
-    + aff_combine (aff_fuse's CUDA kernels fail the compiled-kernel bar) and SR to the
-    tensor-core split_resplice_tiled; the count is below eager's."""
+    """On a (fake) CUDA build, auto runs SCAFF / SAWF inference on Triton's one-pass aff_fuse
+    (tensor-core dots; fast.dispatch.CUDA_TRITON_FIRST_INFERENCE), never the native
+    aff_fuse / aff_pair / aff_moments (scalar CUDA kernels, fast.dispatch.CUDA_UNROUTED), and
+    SR on the tensor-core split_resplice_tiled; the count is below eager's. The explicit
+    native model still runs its own kernels."""
     out = tmp_path / "count.json"
     proc = _run("--input", "64x48", "--batch", "2", "--providers", "eager,optimized",
                 "--no-training", "--json", "--out", str(out), "--budget", str(tmp_path / "none"))
@@ -69,9 +71,9 @@ def test_optimized_model_on_cuda_takes_the_routed_ops(tmp_path):
     result = json.loads(out.read_text())
     optimized = result["inference"]["optimized"]
     calls = optimized["fused_op_calls"]
-    assert calls.get("saffnet_fast::aff_input", 0) > 0
-    assert calls.get("saffnet_fast::aff_combine", 0) > 0
-    assert not any(op.endswith(("::aff_fuse", "::aff_pair", "::aff_moments")) for op in calls)
+    assert calls.get("saffnet_fast_triton::aff_fuse", 0) > 0
+    assert not any(op.startswith("saffnet_fast::aff_") for op in calls), calls
+    assert not any(op.endswith("::aff_moments") for op in calls)
     assert any(op.endswith("::split_resplice_tiled") for op in calls)
     assert 0 < optimized["launches"] < result["inference"]["eager"]["launches"]
 

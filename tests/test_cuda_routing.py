@@ -33,7 +33,29 @@ def test_avoid_sets():
     # the forms auto takes instead must stay routable
     assert not AVOID & {"aff_input", "aff_combine", "aff_pair_combine", "coord_pool",
                         "coord_scale", "plane_mean", "split_resplice_train"}
-    assert "split_resplice_tiled" not in avoided_ops("triton", torch.device("cuda"))
+    triton = avoided_ops("triton", torch.device("cuda"))
+    # Triton's one-pass AFF forwards (tensor-core dots, no spills) are routed, their
+    # backward kernels are not
+    assert {"aff_fuse.backward", "aff_pair.backward"} <= triton
+    assert not triton & {"split_resplice_tiled", "aff_fuse", "aff_pair"}
+
+
+def test_avoided_backward_keeps_the_forward_without_autograd(monkeypatch):
+    """"<op>.backward" in the avoid set: a call that needs autograd takes the other form (the
+    GEMM local branch), one without autograd keeps the fused op."""
+    module = _block("scaff", 32).eval()
+    x = torch.randn(2, 32, 5, 4)
+    gemm_calls = []
+    original = blocks._gemm_local_logit
+    monkeypatch.setattr(blocks, "_gemm_local_logit",
+                        lambda *a: gemm_calls.append(1) or original(*a))
+    avoid = frozenset({"aff_fuse.backward"})
+    with torch.no_grad():
+        want = module(x)
+        out = blocks.scaff(module, x, backend="native", avoid=avoid)
+    assert gemm_calls == [] and rel_err(out, want) < 2e-5
+    out = blocks.scaff(module, x.requires_grad_(), backend="native", avoid=avoid)
+    assert gemm_calls == [1] and rel_err(out, want) < 2e-5
 
 
 def _block(kind, c):

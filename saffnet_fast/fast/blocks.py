@@ -300,15 +300,27 @@ def _usable(op: str, backend: str, avoid: frozenset) -> bool:
 
 def _require(ops: Sequence[str], backend: str, avoid: frozenset) -> None:
     """NotImplementedError (the dispatch's "this backend cannot serve the call") when one of
-    ``ops`` is missing from the backend or avoided for this call: backend='auto' on CUDA avoids the ops whose GPU kernels
+    ``ops`` ("<op>.backward": an op's backward) is missing from the backend or avoided for
+    this call: backend='auto' on CUDA avoids the ops whose GPU kernels
     fail the compiled-kernel bar (fast.dispatch.CUDA_UNROUTED)."""
     for op in ops:
         if op in avoid:
             raise NotImplementedError(
                 f"this case needs {backend}'s {op}, whose GPU kernels backend='auto' does not "
                 "route to (saffnet_fast.fast.dispatch.CUDA_UNROUTED)")
-        if not has_kernel(op, backend):
+        if not op.endswith(".backward") and not has_kernel(op, backend):
             raise NotImplementedError(f"this case needs {op}, which {backend} does not have")
+
+
+def _needs_grad(module, *tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors)
+                                        or any(p.requires_grad for p in module.parameters()))
+
+
+def _avoids(op: str, avoid: frozenset, needs_grad: bool) -> bool:
+    """Whether this call must not use ``op``: avoided itself, or (with autograd) its backward
+    ("<op>.backward" in ``avoid``)."""
+    return op in avoid or (needs_grad and f"{op}.backward" in avoid)
 
 
 def _gemm_local_logit(folded_aff: tuple, t: torch.Tensor) -> torch.Tensor:
@@ -371,7 +383,7 @@ def scaff(module, x: torch.Tensor, *, backend: str,
                 module.aff, t_sum * (1.0 / (x.shape[2] * x.shape[3])), backend)
             local_logit = _stored_local_att(module.aff.local_att, t)
             return kernel("aff_combine", backend)(x, a_h, a_w, local_logit, global_logit)
-        _require(("aff_moments", "aff_fuse"), backend, avoid)
+        _require(("aff_moments", "aff_fuse", "aff_fuse.backward"), backend, avoid)
         global_logit = _global_logit_modules(
             module.aff, _weighted_mean(x, pool_h, a_h, a_w, backend), backend)
         local = _local_att_train(module.aff, x, a_h, a_w, backend)
@@ -379,7 +391,7 @@ def scaff(module, x: torch.Tensor, *, backend: str,
     folded_ca, folded_aff = folded_params(
         module, lambda: (_fold_coord_attention(module.ca), _fold_aff(module.aff)))
     pool_h, a_h, a_w = _coord_attention_factors_eval(folded_ca, x, backend)
-    if "aff_fuse" in avoid:
+    if _avoids("aff_fuse", avoid, bool(avoid) and _needs_grad(module, x)):
         _require(("aff_input", "aff_combine"), backend, avoid)
         t, t_sum = kernel("aff_input", backend)(x, a_h, a_w)
         global_logit = _global_logit(folded_aff, t_sum * (1.0 / (x.shape[2] * x.shape[3])))
@@ -431,7 +443,7 @@ def sawf(module, x: torch.Tensor, *, backend: str,
     a_h = gate.unsqueeze(-1).expand(n, c, h)
     a_w = gate.new_ones(()).expand(n, c, w)
     if not module.training:
-        if "aff_fuse" in avoid:
+        if _avoids("aff_fuse", avoid, bool(avoid) and _needs_grad(module, x)):
             _require(("aff_input", "aff_combine"), backend, avoid)
             t, _ = kernel("aff_input", backend)(x, a_h, a_w)
             return kernel("aff_combine", backend)(
@@ -442,7 +454,7 @@ def sawf(module, x: torch.Tensor, *, backend: str,
         t, _ = kernel("aff_input", backend)(x, a_h, a_w)
         local_logit = _stored_local_att(module.aff.local_att, t)
         return kernel("aff_combine", backend)(x, a_h, a_w, local_logit, global_logit)
-    _require(("aff_moments", "aff_fuse"), backend, avoid)
+    _require(("aff_moments", "aff_fuse", "aff_fuse.backward"), backend, avoid)
     local = _local_att_train(module.aff, x, a_h, a_w, backend)
     return kernel("aff_fuse", backend)(x, a_h, a_w, global_logit, *local)
 
@@ -465,7 +477,8 @@ def aff(module, x: torch.Tensor, residual: torch.Tensor, *, backend: str,
     """
     _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
     plane_mean = kernel("plane_mean", backend)
-    gemm_eval = not module.training and "aff_pair" in avoid
+    gemm_eval = not module.training and _avoids("aff_pair", avoid,
+                                                bool(avoid) and _needs_grad(module, x, residual))
     if gemm_eval:
         _require(("aff_pair_combine",), backend, avoid)
     if gemm_eval or (module.training and "aff_pair_combine" not in avoid
@@ -484,7 +497,8 @@ def aff(module, x: torch.Tensor, residual: torch.Tensor, *, backend: str,
         global_logit = _global_logit_modules(module, plane_mean(xa).to(x.dtype), backend)
         local_logit = _stored_local_att(module.local_att, xa)
         return kernel("aff_pair_combine", backend)(x, residual, local_logit, global_logit)
-    _require(("aff_pair",) + (("aff_moments",) if module.training else ()), backend, avoid)
+    _require(("aff_pair",) + (("aff_moments", "aff_pair.backward") if module.training else ()),
+             backend, avoid)
     pooled = (plane_mean(x) + plane_mean(residual)).to(x.dtype)
     if module.training:
         n, c, h, w = x.shape

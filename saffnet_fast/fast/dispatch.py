@@ -85,12 +85,13 @@ CUDA_UNROUTED: Dict[Tuple[str, str], Tuple[Tuple[str, ...], str]] = {
         ("split_resplice_step_kernel",), "direct 3×3 convolution in scalar FMA: no tensor cores"),
     ("native", "split_resplice_tiled"): (
         ("split_resplice_tiled_kernel",), "direct 3×3 convolutions in scalar FMA: no tensor cores"),
-    ("triton", "aff_fuse"): (
-        ("_aff_fuse_kernel", "_aff_fuse_backward_kernel"),
-        "x cast to float32 before tl.dot (tf32, ieee in float32); spills at C = 128; the "
-        "float32 backward needs 235 KB of shared memory"),
-    ("triton", "aff_pair"): (
-        ("_aff_pair_kernel", "_aff_pair_backward_kernel"),
+    # ("<op>.backward": the op's backward kernels only; its forward is routed)
+    ("triton", "aff_fuse.backward"): (
+        ("_aff_fuse_backward_kernel",),
+        "tl.dot on float32 operands (tf32 / ieee); spills at C = 128; the float32 backward "
+        "needs 235 KB of shared memory"),
+    ("triton", "aff_pair.backward"): (
+        ("_aff_pair_backward_kernel",),
         "tl.dot on float32 operands (tf32 / ieee); spills at C = 128"),
     ("triton", "aff_moments"): (
         ("_aff_moments_kernel", "_aff_moments_backward_kernel"),
@@ -114,6 +115,26 @@ def avoided_ops(backend: str, device: torch.device) -> frozenset:
 _AVOIDED_ON_CUDA = {
     name: frozenset(op for (b, op) in CUDA_UNROUTED if b == name) for name in ("native", "triton")
 }
+
+# Blocks whose inference (eval mode, no autograd) auto runs on Triton first on CUDA. Their
+# Triton form is one pass per tile with the local bottleneck on tensor cores (aff_fuse /
+# aff_pair: x, and the residual, read once, the output written once), where the native
+# form writes and rereads t and the logits around two cuBLAS GEMMs: about 4 passes over the
+# N×C×H×W tensor against 8.5 (SCAFF, counting coord_pool and the global mean). A prediction
+# from the traffic, not yet measured: benchmarks/gpu_first_phase.py times both per block.
+CUDA_TRITON_FIRST_INFERENCE = frozenset({"scaff", "sawf", "aff"})
+
+
+def _cuda_order(op: str, module: nn.Module, x: torch.Tensor) -> Tuple[str, ...]:
+    if op in CUDA_TRITON_FIRST_INFERENCE and not module.training and not (
+            torch.is_grad_enabled() and (x.requires_grad or _trainable(module))):
+        return ("triton",) + tuple(b for b in _backend.CUDA_AUTO_ORDER if b != "triton")
+    return _backend.CUDA_AUTO_ORDER
+
+
+def _trainable(module: nn.Module) -> bool:
+    first = next(module.parameters(), None)
+    return first is not None and first.requires_grad
 
 
 # --------------------------------------------------------------------------- support
@@ -347,7 +368,7 @@ def _servers(op: str, requested: str, module: nn.Module, x: torch.Tensor,
             raise _cannot(op, requested, module, x, reason)
         yield requested
         return
-    order = _backend.CUDA_AUTO_ORDER if x.device.type == "cuda" else ("native", "reference")
+    order = _cuda_order(op, module, x) if x.device.type == "cuda" else ("native", "reference")
     for candidate in order:
         if candidate == "reference":
             return

@@ -75,19 +75,32 @@ def _local_weight(xa, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c, 
                   mask_i, PRECISION: tl.constexpr):
     """wei = σ(W2·relu(W1·xa + b1) + b2 + xg[n]) for a pixels × C tile: AFF's weighting
     from the local bottleneck (two tl.dot's, BN folded) and the global logit. Shared by
-    AFF(x·m, x) (here) and AFF(x, residual) (aff.py)."""
+    AFF(x·m, x) and AFF(x, residual). ``xa`` comes in the dots' operand dtype (x's own for
+    float16 / bfloat16 inputs: tensor-core dots with float32 accumulation; else the
+    arithmetic dtype); the weights and vectors are read in whatever float dtype they have."""
     # W1 is CI×C: load its transpose C×CI; W2 is C×CI: load its transpose CI×C
     w1t = tl.load(w1_ptr + offs_i[None, :] * C + offs_c[:, None],
-                  mask=mask_c[:, None] & mask_i[None, :], other=0.0)
-    b1 = tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0)
-    u = tl.dot(xa, w1t, input_precision=PRECISION) + b1[None, :]
-    t = tl.maximum(u, 0.0)
+                  mask=mask_c[:, None] & mask_i[None, :], other=0.0).to(xa.dtype)
+    u = tl.dot(xa, w1t, input_precision=PRECISION)
+    u = u + tl.load(b1_ptr + offs_i, mask=mask_i, other=0.0).to(u.dtype)[None, :]
+    t = tl.maximum(u, 0.0).to(xa.dtype)
     w2t = tl.load(w2_ptr + offs_c[None, :] * CI + offs_i[:, None],
-                  mask=mask_i[:, None] & mask_c[None, :], other=0.0)
-    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0) \
-        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0)
-    z = tl.dot(t, w2t, input_precision=PRECISION) + shift[None, :]
+                  mask=mask_i[:, None] & mask_c[None, :], other=0.0).to(xa.dtype)
+    z = tl.dot(t, w2t, input_precision=PRECISION)
+    shift = tl.load(b2_ptr + offs_c, mask=mask_c, other=0.0).to(z.dtype) \
+        + tl.load(xg_ptr + n * C + offs_c, mask=mask_c, other=0.0).to(z.dtype)
+    z = z + shift[None, :]
     return 1.0 / (1.0 + tl.exp(-z))
+
+
+# (BLOCK_P, warps) of the forward kernels. At C = 128 (Ci = 32, SAFFNet's widest AFF) every
+# config of the first kernel report spilled: BLOCK_P 16 on 2 warps held both weight
+# matrices, 128 registers a thread, beside the pixel tiles. With float32's tf32x3 dots
+# (hi / lo operand splits) BLOCK_P 32 spilled too (344-2824 B on 4 or 8 warps, sm_90,
+# 2026-12-07); BLOCK_P 16 on 4 warps held at 253-255 registers without a spill. Smaller C
+# only lightens them. A static list rather than an early_config_prune hook, which
+# user-defined kernels under torch.compile may not run.
+_FORWARD_TILES = [({"BLOCK_P": 16}, 4), ({"BLOCK_P": 16}, 8)]
 
 
 @triton.jit
@@ -137,31 +150,36 @@ def _add_bottleneck_grads(dxg_ptr, db1_ptr, dw1_ptr, dw2_ptr, n, C, CI, acc_dxg,
                   mask=mask_c[:, None] & mask_i[None, :])
 
 
-@triton.autotune(
-    configs=configs([({"BLOCK_P": 16}, 2), ({"BLOCK_P": 32}, 4), ({"BLOCK_P": 64}, 4),
-                     ({"BLOCK_P": 128}, 8)], {"BLOCK_P": 16}),
-    key=["C", "HW"],
-)
+@triton.jit
+def _dot_operand(xa, x_ptr, HALF_DOTS: tl.constexpr):
+    """The local bottleneck's input as the dots take it: in x's float16 / bfloat16 when
+    HALF_DOTS, else as computed (float32 / float64)."""
+    if HALF_DOTS:
+        xa = xa.to(x_ptr.dtype.element_ty)
+    return xa
+
+
+@triton.autotune(configs=configs(_FORWARD_TILES, {"BLOCK_P": 16}), key=["C", "CI", "HW"])
 @triton.jit
 def _aff_fuse_kernel(x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                      C, CI, H, W, HW,
                      sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, HALF_DOTS: tl.constexpr, ACC_F64: tl.constexpr):
     pid_p = tl.program_id(0)
     n = tl.program_id(1)
     offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
     offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
     mask = mask_p[:, None] & mask_c[None, :]
-    acc_t = xg_ptr.dtype.element_ty
     n64 = n.to(tl.int64)
 
-    x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
+    x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w)
+    x = x.to(tl.float64) if ACC_F64 else x.to(tl.float32)
     plane = n * C + offs_c[None, :]
     ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
-    att = x * (ah * aw)
-    wei = _local_weight(x + att, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c,
-                        mask_c, offs_i, mask_i, PRECISION)
+    att = x * (ah.to(x.dtype) * aw.to(x.dtype))
+    wei = _local_weight(_dot_operand(x + att, x_ptr, HALF_DOTS), n, w1_ptr, b1_ptr, w2_ptr,
+                        b2_ptr, xg_ptr, C, CI, offs_c, mask_c, offs_i, mask_i, PRECISION)
     out = 2.0 * x + 2.0 * (att - x) * wei
     tl.store(out_ptr + n64 * so_n + offs_c[None, :] * so_c + hh[:, None] * so_h
              + ww[:, None] * so_w, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -218,9 +236,20 @@ def _aff_fuse_backward_kernel(g_ptr, x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_p
 
 
 def _precision(x: torch.Tensor) -> str:
-    # float32 in, float32 out: IEEE products (TF32 would miss the 1e-5 parity); half inputs
-    # already carry ~1e-3 error, so TF32 tensor cores are fine there.
+    # The backward and statistics kernels: float32 in, float32 out: IEEE products (TF32 would
+    # miss the 1e-5 parity); half inputs already carry ~1e-3 error, so TF32 is fine there.
     return "tf32" if x.dtype in (torch.float16, torch.bfloat16) and not INTERPRET else "ieee"
+
+
+def _forward_dot_args(x: torch.Tensor) -> dict:
+    """The forward kernels' dots: float16 / bfloat16 inputs multiply in their own dtype on
+    tensor cores (wgmma .f16 / .bf16, float32 accumulation; xa rounded to x's dtype, which
+    x itself already is); float32 on tensor cores as tf32x3 (three tf32 products, float32
+    accuracy: the 1e-5 parity holds); float64 in IEEE; the interpreter IEEE throughout."""
+    half = x.dtype in (torch.float16, torch.bfloat16)
+    precision = "ieee" if INTERPRET or x.dtype == torch.float64 else (
+        "tf32" if half else "tf32x3")
+    return dict(PRECISION=precision, HALF_DOTS=half, ACC_F64=x.dtype == torch.float64)
 
 
 def _channel_blocks(c: int, ci: int) -> Tuple[int, int]:
@@ -238,7 +267,7 @@ def launch_aff_fuse(x, a_h, a_w, xg, w1, b1, w2, b2, out=None):
     wrap_triton(_aff_fuse_kernel)[grid](
         x, a_h, a_w, xg, w1, b1, w2, b2, out, c, ci, h, w, h * w,
         *x.stride(), *out.stride(),
-        BLOCK_C=block_c, BLOCK_I=block_i, PRECISION=_precision(x))
+        BLOCK_C=block_c, BLOCK_I=block_i, **_forward_dot_args(x))
     return out
 
 
@@ -270,29 +299,25 @@ def launch_aff_fuse_backward(grad, x, a_h, a_w, xg, w1, b1, w2, b2, grad_x=None)
     return grad_x, grad_ah, grad_aw, grad_xg, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-@triton.autotune(
-    configs=configs([({"BLOCK_P": 16}, 2), ({"BLOCK_P": 32}, 4), ({"BLOCK_P": 64}, 4),
-                     ({"BLOCK_P": 128}, 8)], {"BLOCK_P": 16}),
-    key=["C", "HW"],
-)
+@triton.autotune(configs=configs(_FORWARD_TILES, {"BLOCK_P": 16}), key=["C", "CI", "HW"])
 @triton.jit
 def _aff_pair_kernel(x_ptr, r_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                      C, CI, H, W, HW,
                      sx_n, sx_c, sx_h, sx_w, sr_n, sr_c, sr_h, sr_w, so_n, so_c, so_h, so_w,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, HALF_DOTS: tl.constexpr, ACC_F64: tl.constexpr):
     pid_p = tl.program_id(0)
     n = tl.program_id(1)
     offs_p, mask_p, hh, ww = pixel_tile(pid_p, HW, W, BLOCK_P)
     offs_c, mask_c, offs_i, mask_i = _bottleneck_ranges(C, CI, BLOCK_C, BLOCK_I)
     mask = mask_p[:, None] & mask_c[None, :]
-    acc_t = xg_ptr.dtype.element_ty
     n64 = n.to(tl.int64)
 
-    x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w).to(acc_t)
-    r = _load_pixels(r_ptr, n64, offs_c, hh, ww, mask, sr_n, sr_c, sr_h, sr_w).to(acc_t)
-    wei = _local_weight(x + r, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c,
-                        mask_c, offs_i, mask_i, PRECISION)
+    x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w)
+    x = x.to(tl.float64) if ACC_F64 else x.to(tl.float32)
+    r = _load_pixels(r_ptr, n64, offs_c, hh, ww, mask, sr_n, sr_c, sr_h, sr_w).to(x.dtype)
+    wei = _local_weight(_dot_operand(x + r, x_ptr, HALF_DOTS), n, w1_ptr, b1_ptr, w2_ptr,
+                        b2_ptr, xg_ptr, C, CI, offs_c, mask_c, offs_i, mask_i, PRECISION)
     out = 2.0 * r + 2.0 * (x - r) * wei
     tl.store(out_ptr + n64 * so_n + offs_c[None, :] * so_c + hh[:, None] * so_h
              + ww[:, None] * so_w, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -355,7 +380,7 @@ def launch_aff_pair(x, residual, xg, w1, b1, w2, b2):
     wrap_triton(_aff_pair_kernel)[grid](
         x, residual, xg, w1, b1, w2, b2, out, c, ci, h, w, h * w,
         *x.stride(), *residual.stride(), *out.stride(),
-        BLOCK_C=block_c, BLOCK_I=block_i, PRECISION=_precision(x))
+        BLOCK_C=block_c, BLOCK_I=block_i, **_forward_dot_args(x))
     return out
 
 
@@ -546,7 +571,9 @@ def aff_fuse(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, global_logit
     """AFF(x·a_h·a_w, x) per pixel (BNs folded into w1, b1, w2, b2). x: N×C×H×W, any layout
     (float16/bfloat16/float32/float64); a_h N×C×H, a_w N×C×W, global_logit N×C, w1 CI×C,
     b1 CI, w2 C×CI, b2 C. Output: x's dtype."""
-    return launch_aff_fuse(x, *in_arithmetic_dtype(x, a_h, a_w, global_logit, w1, b1, w2, b2))
+    # the kernel converts the vectors and weights as it loads them: no cast launches
+    return launch_aff_fuse(x, *(t.contiguous() for t in (a_h, a_w, global_logit, w1, b1, w2,
+                                                         b2)))
 
 
 @triton_op("saffnet_fast_triton::aff_fuse_backward", mutates_args={})
@@ -567,7 +594,9 @@ def aff_pair(x: torch.Tensor, residual: torch.Tensor, global_logit: torch.Tensor
     """AFF(x, residual) per pixel (BNs folded into w1, b1, w2, b2). x, residual: N×C×H×W of
     one dtype, any layouts; global_logit N×C, w1 CI×C, b1 CI, w2 C×CI, b2 C. Output: x's
     dtype."""
-    return launch_aff_pair(x, residual, *in_arithmetic_dtype(x, global_logit, w1, b1, w2, b2))
+    # the kernel converts the vectors and weights as it loads them: no cast launches
+    return launch_aff_pair(x, residual, *(t.contiguous() for t in (global_logit, w1, b1, w2,
+                                                                   b2)))
 
 
 @triton_op("saffnet_fast_triton::aff_pair_backward", mutates_args={})
