@@ -97,10 +97,12 @@ def _local_weight(xa, n, w1_ptr, b1_ptr, w2_ptr, b2_ptr, xg_ptr, C, CI, offs_c, 
 # config of the first kernel report spilled: BLOCK_P 16 on 2 warps held both weight
 # matrices, 128 registers a thread, beside the pixel tiles. With float32's tf32x3 dots
 # (hi / lo operand splits) BLOCK_P 32 spilled too (344-2824 B on 4 or 8 warps, sm_90,
-# 2026-12-07); BLOCK_P 16 on 4 warps held at 253-255 registers without a spill. Smaller C
-# only lightens them. A static list rather than an early_config_prune hook, which
-# user-defined kernels under torch.compile may not run.
-_FORWARD_TILES = [({"BLOCK_P": 16}, 4), ({"BLOCK_P": 16}, 8)]
+# 2026-12-07); BLOCK_P 16 on 4 warps held aff_pair at 253 registers without a spill, but
+# aff_fuse (a_h and a_w read through six strides) spilled 16 B there, and held at 241
+# registers on 8 warps. Smaller C only lightens them. Static lists rather than an
+# early_config_prune hook, which user-defined kernels under torch.compile may not run.
+_FUSE_TILES = [({"BLOCK_P": 16}, 8)]
+_PAIR_TILES = [({"BLOCK_P": 16}, 4), ({"BLOCK_P": 16}, 8)]
 
 
 @triton.jit
@@ -159,11 +161,12 @@ def _dot_operand(xa, x_ptr, HALF_DOTS: tl.constexpr):
     return xa
 
 
-@triton.autotune(configs=configs(_FORWARD_TILES, {"BLOCK_P": 16}), key=["C", "CI", "HW"])
+@triton.autotune(configs=configs(_FUSE_TILES, {"BLOCK_P": 16}), key=["C", "CI", "HW"])
 @triton.jit
 def _aff_fuse_kernel(x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                      C, CI, H, W, HW,
                      sx_n, sx_c, sx_h, sx_w, so_n, so_c, so_h, so_w,
+                     sah_n, sah_c, sah_h, saw_n, saw_c, saw_w,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr,
                      PRECISION: tl.constexpr, HALF_DOTS: tl.constexpr, ACC_F64: tl.constexpr):
     pid_p = tl.program_id(0)
@@ -175,8 +178,12 @@ def _aff_fuse_kernel(x_ptr, ah_ptr, aw_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_p
 
     x = _load_pixels(x_ptr, n64, offs_c, hh, ww, mask, sx_n, sx_c, sx_h, sx_w)
     x = x.to(tl.float64) if ACC_F64 else x.to(tl.float32)
-    plane = n * C + offs_c[None, :]
-    ah, aw = _load_coord_weights(ah_ptr, aw_ptr, plane, hh, ww, mask, H, W)
+    # a_h, a_w through their strides: SAWF's are the SE+ gate expanded over H (stride 0)
+    # and a broadcast one, read in place instead of copied out first
+    ah = tl.load(ah_ptr + n64 * sah_n + offs_c[None, :] * sah_c + hh[:, None] * sah_h,
+                 mask=mask, other=0.0)
+    aw = tl.load(aw_ptr + n64 * saw_n + offs_c[None, :] * saw_c + ww[:, None] * saw_w,
+                 mask=mask, other=0.0)
     att = x * (ah.to(x.dtype) * aw.to(x.dtype))
     wei = _local_weight(_dot_operand(x + att, x_ptr, HALF_DOTS), n, w1_ptr, b1_ptr, w2_ptr,
                         b2_ptr, xg_ptr, C, CI, offs_c, mask_c, offs_i, mask_i, PRECISION)
@@ -266,7 +273,7 @@ def launch_aff_fuse(x, a_h, a_w, xg, w1, b1, w2, b2, out=None):
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), n)  # noqa: E731
     wrap_triton(_aff_fuse_kernel)[grid](
         x, a_h, a_w, xg, w1, b1, w2, b2, out, c, ci, h, w, h * w,
-        *x.stride(), *out.stride(),
+        *x.stride(), *out.stride(), *a_h.stride(), *a_w.stride(),
         BLOCK_C=block_c, BLOCK_I=block_i, **_forward_dot_args(x))
     return out
 
@@ -299,7 +306,7 @@ def launch_aff_fuse_backward(grad, x, a_h, a_w, xg, w1, b1, w2, b2, grad_x=None)
     return grad_x, grad_ah, grad_aw, grad_xg, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-@triton.autotune(configs=configs(_FORWARD_TILES, {"BLOCK_P": 16}), key=["C", "CI", "HW"])
+@triton.autotune(configs=configs(_PAIR_TILES, {"BLOCK_P": 16}), key=["C", "CI", "HW"])
 @triton.jit
 def _aff_pair_kernel(x_ptr, r_ptr, xg_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, out_ptr,
                      C, CI, H, W, HW,
@@ -571,9 +578,10 @@ def aff_fuse(x: torch.Tensor, a_h: torch.Tensor, a_w: torch.Tensor, global_logit
     """AFF(x·a_h·a_w, x) per pixel (BNs folded into w1, b1, w2, b2). x: N×C×H×W, any layout
     (float16/bfloat16/float32/float64); a_h N×C×H, a_w N×C×W, global_logit N×C, w1 CI×C,
     b1 CI, w2 C×CI, b2 C. Output: x's dtype."""
-    # the kernel converts the vectors and weights as it loads them: no cast launches
-    return launch_aff_fuse(x, *(t.contiguous() for t in (a_h, a_w, global_logit, w1, b1, w2,
-                                                         b2)))
+    # the kernel converts the vectors and weights as it loads them and reads a_h / a_w
+    # through their strides: no cast or copy launches
+    return launch_aff_fuse(x, a_h, a_w, *(t.contiguous() for t in (global_logit, w1, b1, w2,
+                                                                   b2)))
 
 
 @triton_op("saffnet_fast_triton::aff_fuse_backward", mutates_args={})
