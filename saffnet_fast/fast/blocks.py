@@ -317,10 +317,13 @@ def _needs_grad(module, *tensors: torch.Tensor) -> bool:
                                         or any(p.requires_grad for p in module.parameters()))
 
 
-def _avoids(op: str, avoid: frozenset, needs_grad: bool) -> bool:
-    """Whether this call must not use ``op``: avoided itself, or (with autograd) its backward
-    ("<op>.backward" in ``avoid``)."""
-    return op in avoid or (needs_grad and f"{op}.backward" in avoid)
+def _avoids(op: str, avoid: frozenset, module, *tensors: torch.Tensor) -> bool:
+    """Whether this call must not use ``op``: avoided itself, or its backward is
+    ("<op>.backward" in ``avoid``) and the call needs autograd. The parameters are walked
+    only in that last case: on CUDA the native set avoids the op outright, on every call."""
+    if op in avoid:
+        return True
+    return f"{op}.backward" in avoid and _needs_grad(module, *tensors)
 
 
 def _gemm_local_logit(folded_aff: tuple, t: torch.Tensor) -> torch.Tensor:
@@ -391,7 +394,7 @@ def scaff(module, x: torch.Tensor, *, backend: str,
     folded_ca, folded_aff = folded_params(
         module, lambda: (_fold_coord_attention(module.ca), _fold_aff(module.aff)))
     pool_h, a_h, a_w = _coord_attention_factors_eval(folded_ca, x, backend)
-    if _avoids("aff_fuse", avoid, bool(avoid) and _needs_grad(module, x)):
+    if _avoids("aff_fuse", avoid, module, x):
         _require(("aff_input", "aff_combine"), backend, avoid)
         t, t_sum = kernel("aff_input", backend)(x, a_h, a_w)
         global_logit = _global_logit(folded_aff, t_sum * (1.0 / (x.shape[2] * x.shape[3])))
@@ -443,7 +446,7 @@ def sawf(module, x: torch.Tensor, *, backend: str,
     a_h = gate.unsqueeze(-1).expand(n, c, h)
     a_w = gate.new_ones(()).expand(n, c, w)
     if not module.training:
-        if _avoids("aff_fuse", avoid, bool(avoid) and _needs_grad(module, x)):
+        if _avoids("aff_fuse", avoid, module, x):
             _require(("aff_input", "aff_combine"), backend, avoid)
             t, _ = kernel("aff_input", backend)(x, a_h, a_w)
             return kernel("aff_combine", backend)(
@@ -477,8 +480,7 @@ def aff(module, x: torch.Tensor, residual: torch.Tensor, *, backend: str,
     """
     _check_aff_inputs(x, residual, module.channels, same_dtype_device=True)
     plane_mean = kernel("plane_mean", backend)
-    gemm_eval = not module.training and _avoids("aff_pair", avoid,
-                                                bool(avoid) and _needs_grad(module, x, residual))
+    gemm_eval = not module.training and _avoids("aff_pair", avoid, module, x, residual)
     if gemm_eval:
         _require(("aff_pair_combine",), backend, avoid)
     if gemm_eval or (module.training and "aff_pair_combine" not in avoid
