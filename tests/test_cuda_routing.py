@@ -137,3 +137,30 @@ def test_kernel_report_waives_exactly_the_unrouted_kernels():
     rows = json.loads(recorded[-1].read_text())["kernels"]
     failures, _ = kr.check_failures(rows)
     assert failures == []
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+@pytest.mark.parametrize("kind", ["scaff", "sawf", "aff"])
+def test_inference_local_branch_as_gemms_non_contiguous(kind, layout):
+    """The GEMM form on channels_last and sliced (non-dense) inputs: output and gradients as
+    the reference's."""
+    module = _block(kind, 32).double().eval()
+
+    if layout == "sliced":  # channel slices of one tensor: views, not dense
+        base = torch.randn(2, 40, 7, 5, dtype=torch.float64, requires_grad=True)
+        inputs = (base[:, 3:35],) if kind != "aff" else (base[:, 3:35], base[:, 5:37])
+        leaves = (base,)
+    else:
+        inputs = tuple(torch.randn(2, 32, 7, 5, dtype=torch.float64).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+            for _ in range(2 if kind == "aff" else 1))
+        leaves = inputs
+    assert not inputs[0].is_contiguous()
+    ref = module(*inputs)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves + tuple(module.parameters()), grad)
+    out = getattr(blocks, kind)(module, *inputs, backend="native", avoid=AVOID)
+    assert rel_err(out, ref) < 1e-10
+    for g, r in zip(torch.autograd.grad(out, leaves + tuple(module.parameters()), grad),
+                    ref_grads):
+        assert rel_err(g, r) < 1e-9
