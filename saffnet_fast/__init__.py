@@ -34,13 +34,17 @@ __all__ = [
     "use_backend",
     "convert",
     "optimize_for_inference",
+    "compile_frozen",
 ]
 
 
 def __getattr__(name):
-    # convert / optimize_for_inference (saffnet_fast.fast.convert) load on first use, so
+    # convert / optimize_for_inference / compile_frozen (saffnet_fast.fast) load on first use, so
     # `import saffnet_fast` does not import the fast modules.
     if name in ("convert", "optimize_for_inference"):
         from .fast import convert as conversion
         return getattr(conversion, name)
+    if name == "compile_frozen":
+        from .fast.inductor import compile_frozen
+        return compile_frozen
     raise AttributeError(f"module 'saffnet_fast' has no attribute {name!r}")

@@ -261,18 +261,22 @@ def test_runtime_providers_run_one_export_checked_against_eager(monkeypatch, cap
 
 
 def test_compile_freezing_provider_compiles_the_channels_last_reference():
-    """compile_freezing = the reference, eval, channels_last, under torch.compile with
-    inductor's freezing (built, not run: compiling takes minutes on a small CPU)."""
+    """compile_freezing = compile_frozen of the reference: eval, channels_last, under
+    torch.compile with inductor's freezing (built, not run: compiling takes minutes on a
+    small CPU; tests/test_inductor_freezing.py runs compile_frozen)."""
     from saffnet_fast import bench
     from saffnet_fast.bench.models import _model_factory
+    from saffnet_fast.fast.inductor import FrozenCompiled
 
     cfg = bench.ModelBenchConfig.preset_config("tiny", "cpu")
     example = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     model, backend = _model_factory("compile_freezing", cfg, torch.device("cpu"),
                                     torch.float32, example, training=False, weights={})
-    assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-    assert backend == "reference" and not model._orig_mod.training
-    conv = next(m for m in model._orig_mod.modules() if isinstance(m, torch.nn.Conv2d)
+    assert isinstance(model, FrozenCompiled)
+    assert isinstance(model._compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert backend == "reference" and not model.model.training
+    assert model._patches["freezing"] is True and "joint_custom_pre_pass" in model._patches
+    conv = next(m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d)
                 and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(bench.ProviderUnavailable, match="inference only"):

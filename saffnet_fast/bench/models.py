@@ -18,6 +18,7 @@ from torch import nn
 
 from ..backend import resolve_backend
 from ..fast.convert import optimize_for_inference
+from ..fast.inductor import compile_frozen
 from ..engine.runtime import RuntimeUnavailable, export_onnx_file, load_runtime, require
 from ..models import build_model
 from .machine import machine_info
@@ -27,8 +28,9 @@ from .timing import measure_peak_memory, raise_compile_limits, time_callable
 __all__ = ["MODEL_PROVIDERS", "ModelBenchConfig", "run_model_bench", "calibrate_batchnorm_"]
 
 # eager: reference modules, eager; compile: the same under torch.compile; compile_freezing:
-# the reference, channels_last, under torch.compile with inductor's freezing (weights become
-# constants: BN folded into the convolutions, oneDNN weights prepacked once; inference only);
+# saffnet_fast.compile_frozen of the reference: channels_last, torch.compile with inductor's
+# freezing (weights become constants: BN folded into the convolutions, oneDNN weights
+# prepacked once, 1x1 convolutions on pooled maps as prepacked linears; inference only);
 # fast: backend 'auto' (native / triton where they run); fast_optimized: fast after
 # optimize_for_inference; fast_optimized_cudagraphs: the same with CUDA graphs (GPU only);
 # fast_optimized_compile: fast_optimized under torch.compile (the fused ops stay opaque
@@ -151,12 +153,10 @@ def _model_factory(provider: str, cfg: ModelBenchConfig, dev: torch.device,
         if training:
             raise ProviderUnavailable(f"{provider}: inference only (freezing turns the weights "
                                       "into constants)")
-        model = build(cfg.model, "reference").eval().to(memory_format=torch.channels_last)
         raise_compile_limits()
-        # options= patches inductor's config for this compilation only (the global
-        # torch._inductor.config.freezing stays as the caller set it); freezing applies to
-        # graphs compiled without grad, as the timed calls run (inference_mode).
-        return torch.compile(model, options={"freezing": True}), "reference"
+        # compile_frozen sets inductor's freezing around each call: torch.compile's
+        # options={"freezing": True} compiled unfrozen graphs on torch 2.13 (see its module).
+        return compile_frozen(build(cfg.model, "reference")), "reference"
     if provider in _RUNTIME_PROVIDERS:
         return _runtime_provider(provider, cfg, dev, dtype, training, build, exports), "onnx"
     with warnings.catch_warnings():
