@@ -40,8 +40,7 @@ __all__ = [
 
 def __getattr__(name):
     # convert / optimize_for_inference / compile_frozen (saffnet_fast.fast) load on first
-    # use, so
-    # `import saffnet_fast` does not import the fast modules.
+    # use, so `import saffnet_fast` does not import the fast modules.
     if name in ("convert", "optimize_for_inference"):
         from .fast import convert as conversion
         return getattr(conversion, name)
