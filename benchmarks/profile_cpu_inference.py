@@ -1,5 +1,6 @@
-"""Where the CPU inference time of the optimized fast SAFFNet goes: convolutions, the fused
-ops, everything else.
+"""Where the CPU inference time of the optimized fast SAFFNet (or, ``--model
+compile_frozen``, of the frozen compiled reference) goes: convolutions, the fused ops,
+everything else.
 
 The model is ``optimize_for_inference(build_model("saffnet", backend="auto"),
 example_input=x)`` with the weights every ``saffnet bench`` provider runs (random, BN
@@ -47,13 +48,21 @@ CATEGORIES = ("convolutions", "fused ops", "everything else")
 FORWARD = "saffnet_forward"
 
 
-def build(input_size, batch: int):
-    """The optimized fast model and a channels_last input of ``batch`` images."""
+MODELS = {
+    "fast_optimized": "optimize_for_inference(build_model('saffnet', backend='auto'))",
+    "compile_frozen": "compile_frozen(build_model('saffnet'))",
+}
+
+
+def build(input_size, batch: int, kind: str = "fast_optimized"):
+    """The model (``MODELS``) and a channels_last input of ``batch`` images."""
     torch.manual_seed(0)
     reference = calibrate_batchnorm_(build_model("saffnet", input_size=input_size), input_size)
+    x = torch.randn(batch, 3, *input_size).contiguous(memory_format=torch.channels_last)
+    if kind == "compile_frozen":  # the first (warm-up) call compiles
+        return saffnet_fast.compile_frozen(reference), x
     model = build_model("saffnet", backend="auto", input_size=input_size)
     model.load_state_dict(reference.state_dict())
-    x = torch.randn(batch, 3, *input_size).contiguous(memory_format=torch.channels_last)
     model = saffnet_fast.optimize_for_inference(model.eval(), example_input=x)
     return model, x
 
@@ -133,6 +142,10 @@ def main(argv=None) -> int:
     parser.add_argument("--input", default="256x192", metavar="HxW")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=tuple(MODELS), default="fast_optimized",
+                        help="what to profile (compile_frozen: the bench's compile_freezing; "
+                             "inductor's C++ kernels then count in the compiled graph's own "
+                             "'## Call CompiledFxGraph' self time, under everything else)")
     parser.add_argument("--iters", type=int, default=None,
                         help="profiled forwards per batch (default: 10 at batch 1, 3 above)")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="write the JSON here")
@@ -143,7 +156,7 @@ def main(argv=None) -> int:
     meta = machine_info("cpu")
     rows = []
     for batch in args.batch:
-        model, x = build(input_size, batch)
+        model, x = build(input_size, batch, args.model)
         iters = args.iters or (10 if batch == 1 else 3)
         row = {"batch": batch, "threads": args.threads, "input_size": list(input_size),
                **profile(model, x, iters, warmup=3)}
@@ -156,7 +169,7 @@ def main(argv=None) -> int:
     if args.out:
         record = {"command": "python benchmarks/profile_cpu_inference.py "
                              + shlex.join(sys.argv[1:] if argv is None else argv),
-                  "model": "optimize_for_inference(build_model('saffnet', backend='auto'))",
+                  "model": MODELS[args.model],
                   "dtype": "float32", "layout": "channels_last",
                   "load_average_before": load_before, "load_average_after": load_after,
                   "meta": meta, "results": rows}

@@ -112,3 +112,26 @@ def test_compile_frozen_rejects_bad_arguments(kwargs, match):
 def test_compile_frozen_is_exported_at_the_top():
     import saffnet_fast
     assert saffnet_fast.compile_frozen is compile_frozen and "compile_frozen" in saffnet_fast.__all__
+
+
+def test_compile_frozen_bfloat16_flag_stays_within_its_bound():
+    """dtype=torch.bfloat16 (the AMX flag): float32 in, float32 out, within BFLOAT16_RTOL
+    relative L2 of float32; it warns where the CPU has no AMX."""
+    import warnings
+
+    from saffnet_fast.fast.inductor import BFLOAT16_RTOL, cpu_has_amx
+
+    model = _model(2)
+    x = torch.randn(3, 12, 11, 7)
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        frozen = compile_frozen(model, dtype=torch.bfloat16)
+    assert any("AMX" in str(w.message) for w in caught) == (not cpu_has_amx())
+    out = frozen(x)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    rel = ((out - expected).norm() / expected.norm()).item()
+    assert 0.0 < rel < BFLOAT16_RTOL  # bfloat16 rounding shows, within the bound
+    with pytest.raises(ValueError, match="dtype"):
+        compile_frozen(_model(), dtype=torch.float16)

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import warnings
 from typing import Any
 
 import torch
 from torch import nn
 from torch._guards import detect_fake_mode
 
-__all__ = ["PooledConvToLinear", "FrozenCompiled", "compile_frozen"]
+__all__ = ["PooledConvToLinear", "FrozenCompiled", "compile_frozen", "cpu_has_amx",
+           "BFLOAT16_RTOL"]
 
 try:
     from torch._inductor.custom_graph_pass import CustomGraphPass as _CustomGraphPass
@@ -97,6 +99,21 @@ class PooledConvToLinear(_CustomGraphPass):
         return hashlib.sha256(source.encode()).hexdigest()
 
 
+class _CastAround(nn.Module):
+    """Runs ``model`` (whose parameters are ``dtype``) on inputs cast to ``dtype`` and casts
+    floating outputs back to the input's dtype: inside the compiled graph, so inductor fuses
+    the casts into the first and last kernels."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x):
+        out = self.model(x.to(self.dtype))
+        return out.to(x.dtype) if out.is_floating_point() else out
+
+
 class FrozenCompiled(nn.Module):
     """``model`` under ``torch.compile`` with inductor's freezing, for inference.
 
@@ -127,18 +144,42 @@ class FrozenCompiled(nn.Module):
             return self._compiled(*args, **kwargs)
 
 
+BFLOAT16_RTOL = 2e-2  # relative L2 error bound of dtype=torch.bfloat16 against float32
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (where oneDNN's bfloat16 convolutions beat float32)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def compile_frozen(model: nn.Module, *, channels_last: bool = True,
-                   pooled_linear: bool = True, **compile_kwargs) -> FrozenCompiled:
+                   pooled_linear: bool = True, dtype: torch.dtype | None = None,
+                   **compile_kwargs) -> FrozenCompiled:
     """``model`` in eval mode (channels_last by default), compiled with inductor's freezing:
     the PyTorch-native way to serve a SAFFNet-family model on the CPU. Inference only; the
     first call for each input shape compiles (about a minute for SAFFNet at 256×192 on 2
-    cores). ``compile_kwargs`` go to ``torch.compile``."""
+    cores). ``compile_kwargs`` go to ``torch.compile``.
+
+    ``dtype=torch.bfloat16`` (a flag for CPUs with AMX: :func:`cpu_has_amx`) casts the
+    weights to bfloat16 (BN included: freezing folds it in the compiled graph, in bfloat16)
+    and runs the model in bfloat16 on float32 inputs, returning float32; its output is within
+    ``BFLOAT16_RTOL`` (2e-2 relative L2) of float32 (tests/test_inductor_freezing.py).
+    Without AMX oneDNN's bfloat16 convolutions are slower than float32: it warns."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     for name in ("channels_last", "pooled_linear"):
         if not isinstance(locals()[name], bool):
             raise TypeError(f"{name}: expected a bool, got {type(locals()[name]).__name__}")
+    if dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype: expected None, torch.float32 or torch.bfloat16, got {dtype!r}")
     model = model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if dtype == torch.bfloat16:
+        if not cpu_has_amx():
+            warnings.warn("compile_frozen(dtype=torch.bfloat16): this CPU has no AMX, where "
+                          "oneDNN's bfloat16 convolutions are slower than float32",
+                          RuntimeWarning, stacklevel=2)
+        model = _CastAround(model.to(torch.bfloat16), torch.bfloat16)
     return FrozenCompiled(model, pooled_linear=pooled_linear, **compile_kwargs)
