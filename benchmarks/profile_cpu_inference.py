@@ -29,19 +29,18 @@ point.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
 import saffnet_fast
-from saffnet_fast.bench import calibrate_batchnorm_, machine_info
+from saffnet_fast.bench import (calibrate_batchnorm_, machine_info, parse_input_size,
+                                save_result)
 from saffnet_fast.models import build_model
 
 CATEGORIES = ("convolutions", "fused ops", "everything else")
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
                         help="profiled forwards per batch (default: 10 at batch 1, 3 above)")
     parser.add_argument("--out", default=None, metavar="FILE.json", help="write the JSON here")
     args = parser.parse_args(argv)
-    input_size = tuple(int(v) for v in args.input.lower().split("x"))
+    input_size = parse_input_size(args.input)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     meta = machine_info("cpu")
@@ -173,9 +172,7 @@ def main(argv=None) -> int:
                   "dtype": "float32", "layout": "channels_last",
                   "load_average_before": load_before, "load_average_after": load_after,
                   "meta": meta, "results": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        print(f"saved {args.out}")
+        print(f"saved {save_result(record, args.out)}")
     return 0
 
 

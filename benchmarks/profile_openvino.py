@@ -13,7 +13,6 @@ the checkout (needs ``pip install "saffnet_fast[export,openvino]"``)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -21,12 +20,12 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from saffnet_fast.bench import calibrate_batchnorm_, machine_info
+from saffnet_fast.bench import (calibrate_batchnorm_, machine_info, parse_input_size,
+                                save_result)
 from saffnet_fast.engine.runtime import export_onnx_file, require
 from saffnet_fast.models import build_model
 
@@ -64,7 +63,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     require("openvino")
     import openvino as ov
-    input_size = tuple(int(v) for v in args.input.lower().split("x"))
+    input_size = parse_input_size(args.input)
     torch.manual_seed(0)
     model = calibrate_batchnorm_(build_model("saffnet", input_size=input_size), input_size)
     load_before = os.getloadavg()
@@ -87,9 +86,7 @@ def main(argv=None) -> int:
                   "openvino": ov.__version__, "load_average_before": load_before,
                   "load_average_after": os.getloadavg(), "meta": machine_info("cpu"),
                   "results": rows}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-        print(f"saved {args.out}")
+        print(f"saved {save_result(record, args.out)}")
     return 0
 
 

@@ -24,6 +24,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch._inductor.config as inductor_config
 from torch import nn
 from torch._guards import detect_fake_mode
 
@@ -120,8 +121,8 @@ class FrozenCompiled(nn.Module):
     Each call runs without autograd (freezing compiles only graphs traced without grad) and
     with inductor's ``freezing`` (and, with ``pooled_linear``, :class:`PooledConvToLinear`)
     set for that call, so the compilation for each new input shape (static shapes by
-    default: ``dynamic=False``) freezes too and the
-    process-wide inductor settings stay as they were. The weights are read once, when a
+    default: ``dynamic=False``) freezes too and the process-wide inductor settings stay as
+    they were. The weights are read once, when a
     shape first compiles: change them and build a new one.
     """
 
@@ -139,7 +140,6 @@ class FrozenCompiled(nn.Module):
             self._patches["joint_custom_pre_pass"] = PooledConvToLinear()
 
     def forward(self, *args, **kwargs):
-        import torch._inductor.config as inductor_config
         with torch.no_grad(), inductor_config.patch(self._patches):
             return self._compiled(*args, **kwargs)
 
@@ -168,9 +168,10 @@ def compile_frozen(model: nn.Module, *, channels_last: bool = True,
     Without AMX oneDNN's bfloat16 convolutions are slower than float32: it warns."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    for name in ("channels_last", "pooled_linear"):
-        if not isinstance(locals()[name], bool):
-            raise TypeError(f"{name}: expected a bool, got {type(locals()[name]).__name__}")
+    if not isinstance(channels_last, bool):
+        raise TypeError(f"channels_last: expected a bool, got {type(channels_last).__name__}")
+    if not isinstance(pooled_linear, bool):
+        raise TypeError(f"pooled_linear: expected a bool, got {type(pooled_linear).__name__}")
     if dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"dtype: expected None, torch.float32 or torch.bfloat16, got {dtype!r}")
     model = model.eval()
