@@ -30,7 +30,8 @@ __all__ = ["MODEL_PROVIDERS", "ModelBenchConfig", "run_model_bench", "calibrate_
 # eager: reference modules, eager; compile: the same under torch.compile; compile_freezing:
 # saffnet_fast.compile_frozen of the reference: channels_last, torch.compile with inductor's
 # freezing (weights become constants: BN folded into the convolutions, oneDNN weights
-# prepacked once, 1x1 convolutions on pooled maps as prepacked linears; inference only);
+# prepacked once, the small 1x1 convolutions as prepacked linears, channel concatenations
+# written channels_last, a C++ wrapper; inference only);
 # fast: backend 'auto' (native / triton where they run); fast_optimized: fast after
 # optimize_for_inference; fast_optimized_cudagraphs: the same with CUDA graphs (GPU only);
 # fast_optimized_compile: fast_optimized under torch.compile (the fused ops stay opaque
