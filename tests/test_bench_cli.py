@@ -273,9 +273,10 @@ def test_compile_freezing_provider_compiles_the_channels_last_reference():
     model, backend = _model_factory("compile_freezing", cfg, torch.device("cpu"),
                                     torch.float32, example, training=False, weights={})
     assert isinstance(model, FrozenCompiled)
-    assert isinstance(model._compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert hasattr(model._compiled, "_torchdynamo_orig_callable")  # under torch.compile
     assert backend == "reference" and not model.model.training
     assert model._patches["freezing"] is True and "joint_custom_pre_pass" in model._patches
+    assert model._patches["cpp_wrapper"] is True
     conv = next(m for m in model.model.modules() if isinstance(m, torch.nn.Conv2d)
                 and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)

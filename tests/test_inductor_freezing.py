@@ -154,6 +154,22 @@ def test_pointwise_linear_and_channels_last_cat_match_eager():
     assert "aten::cat" not in called  # the concatenations are inductor kernels
 
 
+def test_compile_frozen_again_after_new_weights_freezes_the_new_weights():
+    """Dynamo guards on parameter shapes, not values: each FrozenCompiled must compile its
+    own graph, or a rebuild after load_state_dict would run the old frozen weights."""
+    model = _model(4)
+    x = torch.randn(3, 12, 11, 7)
+    first = compile_frozen(model, cpp_wrapper=False)
+    with torch.no_grad():
+        old = model(x)
+        torch.testing.assert_close(first(x), old, rtol=1e-4, atol=1e-5)
+        model.load_state_dict(_model(5).state_dict())
+        new = model(x)
+        assert not torch.allclose(new, old, atol=1e-3)
+        torch.testing.assert_close(compile_frozen(model, cpp_wrapper=False)(x), new,
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_graph_pass_uuids_key_the_fx_graph_cache():
     """The FX graph cache keys on uuid(): equal across equal instances, a hex digest, and a
     different limit is a different pass."""

@@ -5,17 +5,18 @@ Freezing turns the weights into constants, so inductor folds BN into the convolu
 prepacks every convolution weight for oneDNN once and fuses ReLU / the residual add into the
 convolution as post-ops. What ``torch.compile(model, options={"freezing": True})`` leaves on
 the table, each measured on SAFFNet at 256×192, batch 1, 2 threads (AMD EPYC, AVX2; A/B in
-one process against OpenVINO f32, benchmarks/results/model-cpu-runtimes-20261207T1730.md):
+one process against OpenVINO f32, benchmarks/results/model-cpu-runtimes-20261207T1630.md):
 
 * the option reaches inductor too late: on torch 2.13 the graph compiles unfrozen (plain
   ``aten.convolution`` calls, BN unfolded; seen in the output code), so :class:`FrozenCompiled`
   sets ``torch._inductor.config.freezing`` around each call instead (22 µs a call);
-* every oneDNN convolution call from PyTorch costs about 40 µs on top of oneDNN's own
-  execution time (ideep builds the primitive descriptor on every call: an 8→8-channel 3×3
-  convolution on a 4×4 map takes 47 µs a call, ``ONEDNN_VERBOSE`` times its execution at a few
-  µs), while a prepacked MKL linear costs 4–7 µs. SAFFNet's SE, AFF and coordinate-attention
-  layers are ~200 small 1×1 convolutions: :class:`PointwiseConvToLinear` rewrites them to
-  ``addmm`` before freezing, which packs them as linears (77.9 → 73.8 ms);
+* every oneDNN convolution called from PyTorch costs some 40 µs more than oneDNN's own
+  execution (the primitive set-up in ATen's ideep layer and the call itself): a 15→15-channel
+  3×3 convolution on SAFFNet's 64×48 map takes 174 µs a call, 110–133 µs of it executing per
+  ``ONEDNN_VERBOSE``; an 8→8-channel one on a 4×4 map still takes 47 µs. A prepacked MKL
+  linear costs 4–7 µs a call. SAFFNet's SE, AFF and coordinate-attention layers are ~200
+  small 1×1 convolutions: :class:`PointwiseConvToLinear` rewrites them to ``addmm`` before
+  freezing, which packs them as linears (77.9 → 73.8 ms);
 * SCBottle's split / re-splice concatenates channel slices; inductor lays the concatenation
   out channels-first and transposes both ways around every 8–15-channel slice (3.4 ms in 18
   kernels). :class:`ChannelsLastCat` concatenates along the innermost (channel) dimension of
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
+import types
 import warnings
 from typing import Any, Sequence
 
@@ -52,7 +55,8 @@ _aten = torch.ops.aten
 # 1×1 convolutions on full maps up to this many multiply-adds become linears: that is every
 # SE / AFF / coordinate-attention layer of SAFFNet at 256×192 (the largest, 64→16 channels at
 # 64×48, is 3.1 M), while the nine SCBottle expansions and reductions (12.6–50 M, where
-# oneDNN's fused sum + ReLU post-ops save a pass over the map) stay convolutions.
+# oneDNN fuses the residual sum and ReLU) stay convolutions. Converting those too measured the
+# same at batch 1 (69.4 against 69.7 ms, one A/B run), so the limit keeps oneDNN's fusions.
 POINTWISE_LINEAR_MAX_MACS = 4_000_000
 
 
@@ -206,6 +210,24 @@ class _CastAround(nn.Module):
         return out.to(x.dtype) if out.is_floating_point() else out
 
 
+_entry_points = itertools.count()
+
+
+def _own_entry_point(model: nn.Module):
+    """``model(*args)`` behind a code object of its own. Dynamo keeps its compiled graphs per
+    code object, guarded on the parameters' shapes, not their values: through
+    ``torch.compile(model)``, a second ``compile_frozen`` of the same model (new weights loaded,
+    other options) would find the first one's graph, with the old weights frozen in, and run
+    it. A fresh code object gives every :class:`FrozenCompiled` its own graphs (and its own
+    recompilation limit)."""
+    def frozen_forward(*args, **kwargs):
+        return model(*args, **kwargs)
+    code = frozen_forward.__code__
+    code = code.replace(co_name=f"{code.co_name}_{next(_entry_points)}")
+    return types.FunctionType(code, frozen_forward.__globals__, code.co_name,
+                              frozen_forward.__defaults__, frozen_forward.__closure__)
+
+
 class FrozenCompiled(nn.Module):
     """``model`` under ``torch.compile`` with inductor's freezing, for inference.
 
@@ -217,7 +239,9 @@ class FrozenCompiled(nn.Module):
     The model is read once per input signature (shapes, strides, dtype, device), when it
     compiles: its weights become constants and, after that first call, only the guards that
     tell the compiled signatures apart run (dynamo's per-parameter guards cost 3.3 ms a call
-    on SAFFNet). Change the weights or the module's state and build a new one.
+    on SAFFNet). Change the weights or the module's state and build a new one: each instance
+    compiles its own graphs (the old one is then undefined: freezing copies the weights it
+    folds or packs and keeps the others by reference).
     """
 
     def __init__(self, model: nn.Module, *, graph_passes: Sequence[Any] = (),
@@ -229,7 +253,7 @@ class FrozenCompiled(nn.Module):
         # failed a stride check on torch 2.13 (a padded 1x1 conv on a pooled map;
         # tests/test_inductor_freezing.py).
         compile_kwargs.setdefault("dynamic", False)
-        self._compiled = torch.compile(model, **compile_kwargs)
+        self._compiled = torch.compile(_own_entry_point(model), **compile_kwargs)
         self._patches: dict[str, Any] = {"freezing": True}
         if graph_passes:
             self._patches["joint_custom_pre_pass"] = _PassChain(graph_passes)
