@@ -5,7 +5,7 @@ Freezing turns the weights into constants, so inductor folds BN into the convolu
 prepacks every convolution weight for oneDNN once and fuses ReLU / the residual add into the
 convolution as post-ops. What ``torch.compile(model, options={"freezing": True})`` leaves on
 the table, each measured on SAFFNet at 256×192, batch 1, 2 threads (AMD EPYC, AVX2; A/B in
-one process against OpenVINO f32, benchmarks/results/model-cpu-runtimes-20261207T1630.md):
+one process against OpenVINO f32, benchmarks/results/model-cpu-runtimes-20261207T1645.md):
 
 * the option reaches inductor too late: on torch 2.13 the graph compiles unfrozen (plain
   ``aten.convolution`` calls, BN unfolded; seen in the output code), so :class:`FrozenCompiled`
