@@ -279,3 +279,23 @@ def test_pointwise_conv_to_linear_rewrites_only_matrix_products():
     gm = _traced(fn, *args)
     PointwiseConvToLinear(max_macs=2309)(gm.graph)  # one under: only the pooled one
     assert _targets(gm).count(aten.convolution.default) == 4
+
+
+def test_pointwise_conv_to_linear_leaves_symbolic_sizes_alone():
+    """Under dynamic shapes the sizes are symbolic: the pass must not write them into the
+    graph as numbers (the graph would no longer run), so it leaves such convolutions."""
+    aten = torch.ops.aten
+    x = torch.randn(2, 7, 5, 3).to(memory_format=torch.channels_last)
+    w, b = torch.randn(11, 7, 1, 1), torch.randn(11)
+
+    def fn(x, w, b):
+        return torch.conv2d(x, w, b), torch.conv2d(x.mean((2, 3), keepdim=True), w)
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(fn, tracing_mode="symbolic")(x, w, b)
+    expected = gm(x, w, b)
+    PointwiseConvToLinear()(gm.graph)
+    gm.recompile()
+    assert _targets(gm).count(aten.convolution.default) == 2
+    for out, ref in zip(gm(x, w, b), expected):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -104,10 +104,15 @@ def _pointwise_conv_as_linear(node: torch.fx.Node, max_macs: int) -> bool:
         return False
     if transposed or groups != 1 or any(p != 0 for p in padding) or tuple(wv.shape[2:]) != (1, 1):
         return False
-    if tuple(xv.shape[2:]) == (1, 1):
-        return True
     n, c, h, w = xv.shape
-    return (all(s == 1 for s in stride) and xv.is_contiguous(memory_format=torch.channels_last)
+    # The rewrite writes C, O, H and W into the graph as numbers: under dynamic shapes they
+    # must not be symbolic (the batch is written as -1, and bounds the full-map case below).
+    if not all(type(size) is int for size in (c, wv.shape[0], h, w)):
+        return False
+    if (h, w) == (1, 1):
+        return True
+    return (type(n) is int and all(s == 1 for s in stride)
+            and xv.is_contiguous(memory_format=torch.channels_last)
             and n * h * w * c * wv.shape[0] <= max_macs)
 
 
@@ -129,7 +134,7 @@ class PointwiseConvToLinear(_CustomGraphPass):
             if not _pointwise_conv_as_linear(node, self.max_macs):
                 continue
             x, w, b = node.args[0], node.args[1], node.args[2]
-            n, c, h, wd = x.meta["val"].shape
+            _, c, h, wd = x.meta["val"].shape
             o = w.meta["val"].shape[0]
             call = _inserter(graph, [x.meta["val"], w.meta["val"]])
             with graph.inserting_before(node):
@@ -138,7 +143,7 @@ class PointwiseConvToLinear(_CustomGraphPass):
                 wt = call(_aten.permute.default, call(_aten.reshape.default, w, [o, c]), [1, 0])
                 y = call(_aten.mm.default, rows, wt) if b is None else call(
                     _aten.addmm.default, b, rows, wt)
-                out = call(_aten.permute.default, call(_aten.reshape.default, y, [n, h, wd, o]),
+                out = call(_aten.permute.default, call(_aten.reshape.default, y, [-1, h, wd, o]),
                            [0, 3, 1, 2])
             _replace(graph, node, out)
         graph.lint()
@@ -236,7 +241,8 @@ class FrozenCompiled(nn.Module):
     that call, so the compilation for each new input shape (static shapes by default:
     ``dynamic=False``) freezes too and the process-wide inductor settings stay as they were.
 
-    The model is read once per input signature (shapes, strides, dtype, device), when it
+    The model is read once per input signature (shapes, strides, dtype, device,
+    requires_grad), when it
     compiles: its weights become constants and, after that first call, only the guards that
     tell the compiled signatures apart run (dynamo's per-parameter guards cost 3.3 ms a call
     on SAFFNet). Change the weights or the module's state and build a new one: each instance
